@@ -1,0 +1,98 @@
+"""Validation of user-supplied images and labels.
+
+Every image tensor malex works on is float32, NCHW, with values in [0, 1]. These helpers turn what a user
+hands over (NumPy or torch, uint8 or float, NHWC or NCHW) into that form, or raise an `InputError` that
+names the problem and what was expected.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from malex.errors import InputError
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _where(source: str | None) -> str:
+    return f"{source}: " if source else ""
+
+
+def to_nchw_float(
+    images: ArrayLike,
+    *,
+    shape: Sequence[int] | None = None,
+    source: str | None = None,
+) -> torch.Tensor:
+    """Return `images` as a float32 NCHW tensor in [0, 1], checking everything on the way.
+
+    `shape` is the expected (C, H, W) of one image; when given, NHWC input with that layout is accepted
+    and transposed. uint8 input is scaled by 1/255; float input must already lie in [0, 1].
+    """
+    where = _where(source)
+    if isinstance(images, torch.Tensor):
+        arr = images.detach().cpu()
+    elif isinstance(images, np.ndarray):
+        if images.dtype == object:
+            raise InputError(f"{where}images have dtype object; expected uint8 or float")
+        arr = torch.from_numpy(np.ascontiguousarray(images))
+    else:
+        raise InputError(f"{where}images must be a NumPy array or torch tensor, got {type(images).__name__}")
+
+    if arr.ndim == 3 and shape is not None and len(shape) == 3 and shape[0] == 1:
+        arr = arr.unsqueeze(1)  # (N, H, W) grey images
+    if arr.ndim != 4:
+        raise InputError(f"{where}images have shape {tuple(arr.shape)}; expected 4 dimensions (N, C, H, W)")
+    if arr.shape[0] == 0:
+        raise InputError(f"{where}no images (batch of size 0)")
+    if shape is not None:
+        expected = tuple(int(s) for s in shape)
+        if tuple(arr.shape[1:]) != expected:
+            nhwc = (expected[1], expected[2], expected[0])
+            if tuple(arr.shape[1:]) == nhwc:
+                arr = arr.permute(0, 3, 1, 2)
+            else:
+                raise InputError(
+                    f"{where}images have shape {tuple(arr.shape)}; expected (N, {', '.join(map(str, expected))})"
+                    f" or NHWC (N, {', '.join(map(str, nhwc))})"
+                )
+
+    if arr.dtype == torch.uint8:
+        return arr.float().div_(255.0).contiguous()
+    if arr.dtype == torch.bool or not (arr.is_floating_point()):
+        raise InputError(f"{where}images have dtype {arr.dtype}; expected uint8 (0..255) or float in [0, 1]")
+    out = arr.float()
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).sum())
+        raise InputError(f"{where}images contain {bad} NaN or infinite values; expected finite values in [0, 1]")
+    lo, hi = float(out.min()), float(out.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InputError(
+            f"{where}image values span [{lo:.4g}, {hi:.4g}]; expected floats in [0, 1] "
+            "(divide 8-bit images by 255, or pass them as uint8)"
+        )
+    return out.contiguous()
+
+
+def to_labels(labels: ArrayLike, *, n: int, num_classes: int | None = None, source: str | None = None) -> torch.Tensor:
+    """Return `labels` as an int64 tensor of length `n`, each in [0, num_classes)."""
+    where = _where(source)
+    arr = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    if arr.ndim != 1:
+        raise InputError(f"{where}labels have shape {tuple(arr.shape)}; expected one dimension (N,)")
+    if arr.shape[0] != n:
+        raise InputError(f"{where}{arr.shape[0]} labels for {n} images; expected one label per image")
+    if arr.is_floating_point():
+        if not torch.isfinite(arr).all() or not torch.equal(arr, arr.round()):
+            raise InputError(f"{where}labels are not whole numbers; expected integer class ids")
+    elif arr.dtype == torch.bool:
+        raise InputError(f"{where}labels have dtype bool; expected integer class ids")
+    arr = arr.long()
+    if arr.numel() and int(arr.min()) < 0:
+        raise InputError(f"{where}labels contain {int(arr.min())}; expected class ids >= 0")
+    if num_classes is not None and arr.numel() and int(arr.max()) >= num_classes:
+        raise InputError(f"{where}labels contain {int(arr.max())}; expected class ids below {num_classes}")
+    return arr
