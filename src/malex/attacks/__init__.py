@@ -1,0 +1,1 @@
+"""Attacks: backdoor triggers with poisoned training, and adversarial examples."""

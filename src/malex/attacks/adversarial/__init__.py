@@ -1,0 +1,44 @@
+"""Adversarial attacks (FGSM, PGD, CW-L2): torch-native, batched, on inputs in [0, 1].
+
+Build one by class (`PGD(PGDConfig(eps=0.1))`) or by name (`make_adversarial("pgd", eps=0.1)`), then
+`attack.run(model, x, y)` for an untargeted run or `attack.run(model, x, y, target=t)` for a targeted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from malex.attacks.adversarial.base import AdversarialAttack, AdversarialResult
+from malex.attacks.adversarial.cw import CW, CWConfig
+from malex.attacks.adversarial.fgsm import FGSM, FGSMConfig
+from malex.attacks.adversarial.pgd import PGD, PGDConfig
+from malex.errors import ConfigError
+
+ADVERSARIAL_ATTACKS: dict[str, type[AdversarialAttack]] = {cls.name: cls for cls in (FGSM, PGD, CW)}
+
+
+def make_adversarial(name: str, **config_kwargs: object) -> AdversarialAttack:
+    """The attack registered as `name`, configured by `config_kwargs` (the fields of its config class)."""
+    if name not in ADVERSARIAL_ATTACKS:
+        raise ConfigError(f"unknown adversarial attack {name!r}; expected one of {', '.join(ADVERSARIAL_ATTACKS)}")
+    cls = ADVERSARIAL_ATTACKS[name]
+    fields = [f.name for f in dataclasses.fields(cls.config_class)]
+    unknown = sorted(set(config_kwargs) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} for attack {name!r}; "
+                          f"expected some of {', '.join(fields)}")
+    return cls(cls.config_class(**config_kwargs))
+
+
+__all__ = [
+    "ADVERSARIAL_ATTACKS",
+    "CW",
+    "CWConfig",
+    "FGSM",
+    "FGSMConfig",
+    "PGD",
+    "PGDConfig",
+    "AdversarialAttack",
+    "AdversarialResult",
+    "make_adversarial",
+]

@@ -1,0 +1,76 @@
+"""Projected Gradient Descent in the Linf ball (Madry et al., ICLR 2018).
+
+Repeated signed-gradient steps of size alpha, each followed by projection onto the eps ball around x and
+onto [0, 1], optionally from a uniform random start inside the ball. For each input the attack returns
+the last iterate on which it succeeded, or the final iterate if it never did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from malex.attacks.adversarial.base import AdversarialAttack, is_count, is_number, require
+from malex.attacks.adversarial.fgsm import ascent_gradient
+
+
+@dataclass(frozen=True)
+class PGDConfig:
+    """eps: Linf budget; alpha: step size (None -> eps / 4); steps: iterations; seed: for the random start."""
+
+    eps: float = 0.1
+    alpha: float | None = None
+    steps: int = 40
+    random_start: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(is_number(self.eps) and 0.0 <= self.eps <= 1.0, f"PGD eps is {self.eps!r}; expected a number in [0, 1]")
+        require(self.alpha is None or (is_number(self.alpha) and self.alpha > 0.0),
+                f"PGD alpha is {self.alpha!r}; expected None (eps / 4) or a number > 0")
+        require(is_count(self.steps), f"PGD steps is {self.steps!r}; expected an int >= 1")
+        require(isinstance(self.random_start, bool), f"PGD random_start is {self.random_start!r}; expected a bool")
+        require(is_count(self.seed, minimum=0), f"PGD seed is {self.seed!r}; expected an int >= 0")
+
+    @property
+    def step_size(self) -> float:
+        """alpha, or eps / 4 when alpha is None."""
+        return self.eps / 4.0 if self.alpha is None else float(self.alpha)
+
+
+class PGD(AdversarialAttack):
+    """Linf PGD, untargeted (raise CE of y) or targeted (lower CE of target)."""
+
+    name = "pgd"
+    config_class = PGDConfig
+    config: PGDConfig
+
+    def __init__(self, config: PGDConfig | None = None) -> None:
+        super().__init__(config)
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                 generator: torch.Generator) -> torch.Tensor:
+        eps, alpha, steps = self.config.eps, self.config.step_size, self.config.steps
+        adv = x.clone()
+        if self.config.random_start and eps > 0:
+            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).mul_(2 * eps).sub_(eps)
+            adv = (adv + noise.to(x.device)).clamp_(0.0, 1.0)
+        best = adv.clone()
+        ever = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for step in range(steps + 1):
+            if step < steps:
+                grad, logits = ascent_gradient(model, adv, y, target)
+            else:
+                with torch.no_grad():
+                    logits = model(adv)
+            pred = logits.argmax(dim=1)
+            hit = pred != y if target is None else pred == target
+            best[hit] = adv[hit]  # the latest iterate that succeeded
+            ever |= hit
+            if step < steps:
+                adv = adv + alpha * grad.sign()
+                adv = torch.min(torch.max(adv, x - eps), x + eps).clamp_(0.0, 1.0)
+        best[~ever] = adv[~ever]  # never succeeded: the final iterate
+        return best

@@ -1,0 +1,27 @@
+"""Backdoor triggers (one per module) and poisoned training."""
+
+from malex.attacks.backdoor.badnets import BadNets, BadNetsConfig
+from malex.attacks.backdoor.base import Trigger
+from malex.attacks.backdoor.blend import Blend, BlendConfig
+from malex.attacks.backdoor.poison import PoisonConfig, attack_success_rate, poison_split, triggered_inputs
+from malex.attacks.backdoor.watermark import Watermark, WatermarkConfig, ring_logo
+from malex.errors import ConfigError
+
+TRIGGERS: dict[str, type[Trigger]] = {t.name: t for t in (BadNets, Blend, Watermark)}
+
+
+def make_trigger(name: str, **config) -> Trigger:
+    """Build the trigger registered as `name` with the given settings."""
+    if name not in TRIGGERS:
+        raise ConfigError(f"unknown trigger {name!r}; expected one of {', '.join(TRIGGERS)}")
+    try:
+        cfg = TRIGGERS[name].config_type(**config)
+    except TypeError as exc:
+        raise ConfigError(f"bad settings for trigger {name!r}: {exc}") from exc
+    return TRIGGERS[name](cfg)
+
+
+__all__ = [
+    "TRIGGERS", "BadNets", "BadNetsConfig", "Blend", "BlendConfig", "PoisonConfig", "Trigger", "Watermark",
+    "WatermarkConfig", "attack_success_rate", "make_trigger", "poison_split", "ring_logo", "triggered_inputs",
+]

@@ -1,0 +1,228 @@
+"""Model mutation testing (Wang et al., ICSE 2019), made two-sided as in Jin et al.
+
+Mutants are Gaussian fuzzings of the dense layers' weights, W' = W + N(mean(W), (max(W) * r)^2), drawn
+from a seed so that mutant i is the same in every call and after a save and load. The guarded model is
+never touched: mutants are parameter sets passed to `torch.func.functional_call`, and when every dense
+layer sits in the model's `head`, only the head is re-run, on its cached input from the probe pass, with
+many mutants at once through `vmap`.
+
+The label-change rate (LCR) of an input is the share of mutants whose label differs from the guarded
+model's own prediction. Adversarial examples sit near a boundary, so their LCR is high at a mild
+strength (r about 0.3); backdoor inputs are more robust than clean ones, so their LCR is LOW at a strong
+strength (r about 0.65). The LCR threshold is calibrated on clean data; a sequential probability ratio
+test stops each input as soon as the evidence suffices.
+
+The right strength depends on the model (max(W) of a wide layer says little about its typical weight),
+so the strength can also be calibrated: with `target_clean_lcr` set, `fit` searches the r at which the
+mean clean LCR reaches that target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from malex.detectors.base import Detector
+from malex.detectors.sprt import SPRT
+from malex.errors import ConfigError
+from malex.models.inference import eval_mode
+from malex.probe import INPUT_SUFFIX, Observation
+from malex.progress import counter
+
+
+@dataclass(frozen=True)
+class MutationConfig:
+    """Settings of the mutation test. `suspicious` says which tail of the LCR is flagged."""
+
+    strength: float = 0.3
+    target_clean_lcr: float | None = None
+    suspicious: Literal["high", "low"] = "high"
+    max_mutants: int = 100
+    alpha: float = 0.05
+    beta: float = 0.05
+    indifference: float = 0.05
+    fpr: float = 0.05
+    chunk: int = 10
+    sequential: bool = True
+    seed: int = 0
+    batch_size: int = 2048
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strength <= 0 or self.max_mutants < 1 or self.chunk < 1 or self.batch_size < 1:
+            raise ConfigError(f"invalid mutation settings {self}; expected strength > 0, counts >= 1")
+        if self.suspicious not in ("high", "low"):
+            raise ConfigError(f"suspicious is {self.suspicious!r}; expected 'high' or 'low'")
+        if self.target_clean_lcr is not None and not 0 < self.target_clean_lcr < 1:
+            raise ConfigError(f"target_clean_lcr is {self.target_clean_lcr}; expected a value in (0, 1)")
+        if not 0 < self.indifference < 0.5 or not 0 < self.fpr < 0.5:
+            raise ConfigError(f"indifference {self.indifference} and fpr {self.fpr} must lie in (0, 0.5)")
+
+
+@dataclass(frozen=True)
+class MutationTest:
+    """Per input: LCR over the mutants used, how many were used, and the SPRT decision (+1/-1/0)."""
+
+    lcr: np.ndarray
+    n_mutants: np.ndarray
+    decision: np.ndarray
+
+
+def mutation_target(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """The module the mutants replace and the probe layer holding its input (None: the raw input).
+
+    When all dense layers sit inside `model.head`, only the head needs to be re-run.
+    """
+    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not dense:
+        raise ConfigError("the model has no dense (nn.Linear) layers to mutate")
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module) and all(n.startswith("head.") for n in dense):
+        return head, "head" + INPUT_SUFFIX
+    return model, None
+
+
+class GaussianFuzzer:
+    """Deterministic Gaussian-fuzzed copies of a module's dense-layer weights, as stacked parameters."""
+
+    def __init__(self, module: nn.Module, strength: float, seed: int) -> None:
+        self.strength = strength
+        self.seed = seed
+        self.weights = {
+            f"{n}.weight": m.weight.detach() for n, m in module.named_modules() if isinstance(m, nn.Linear)
+        }
+        self.stats = {k: (float(w.mean()), float(w.max()) * strength) for k, w in self.weights.items()}
+
+    def mutants(self, ids: range) -> dict[str, torch.Tensor]:
+        """Parameters of mutants `ids`, each stacked along a new first dimension."""
+        stacked: dict[str, list[torch.Tensor]] = {k: [] for k in self.weights}
+        for i in ids:
+            gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + i)
+            for k, w in self.weights.items():
+                mean, std = self.stats[k]
+                noise = torch.randn(w.shape, generator=gen) * std + mean
+                stacked[k].append(w + noise.to(w.device))
+        return {k: torch.stack(v) for k, v in stacked.items()}
+
+
+class ModelMutation(Detector):
+    """Two-sided model-mutation detector scored by the label-change rate under Gaussian fuzzing."""
+
+    name = "mutation"
+    fitted_attributes = ("lcr_threshold_",)
+
+    def __init__(self, model: nn.Module, config: MutationConfig = MutationConfig()) -> None:
+        super().__init__(model)
+        self.config = config
+        self.module, self.input_layer = mutation_target(model)
+        self.fuzzer = GaussianFuzzer(self.module, config.strength, config.seed)
+
+    @property
+    def strength(self) -> float:
+        """The mutation strength r in use (the calibrated one once fitted with `target_clean_lcr`)."""
+        return self.fuzzer.strength
+
+    def _set_strength(self, strength: float) -> None:
+        self.fuzzer = GaussianFuzzer(self.module, strength, self.config.seed)
+
+    def layers(self) -> list[str]:
+        return [self.input_layer] if self.input_layer else []
+
+    def _flips(self, inputs: torch.Tensor, base: torch.Tensor, ids: range) -> torch.Tensor:
+        """(len(ids), N) bool: does mutant i change the label of input j?"""
+        params = self.fuzzer.mutants(ids)
+        fixed = {n: p.detach() for n, p in self.module.named_parameters() if n not in params}
+        fixed.update({n: b for n, b in self.module.named_buffers()})
+        device = next(iter(params.values())).device
+
+        def labels(mutant: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.module, {**fixed, **mutant}, (xb,)).argmax(dim=-1)
+
+        out = []
+        with torch.no_grad(), eval_mode(self.module):
+            for start in range(0, inputs.shape[0], self.config.batch_size):
+                xb = inputs[start : start + self.config.batch_size].to(device)
+                pred = vmap(labels, in_dims=(0, None))(params, xb).cpu()
+                out.append(pred != base[start : start + self.config.batch_size].view(1, -1))
+        return torch.cat(out, dim=1)
+
+    def test(self, obs: Observation, sequential: bool | None = None) -> MutationTest:
+        """Run the mutants over the inputs of `obs`, stopping each input early when the SPRT decides."""
+        cfg = self.config
+        sequential = cfg.sequential if sequential is None else sequential
+        if sequential:
+            self.check_fitted()
+        inputs = obs.layer(self.input_layer) if self.input_layer else obs.x
+        base = obs.pred
+        n = len(obs)
+        changes = np.zeros(n)
+        used = np.zeros(n)
+        decision = np.zeros(n, dtype=np.int8)
+        sprt = self.sprt() if sequential else None
+        with counter(f"mutants (r={self.strength:.3g})", cfg.max_mutants, enabled=cfg.progress) as advance:
+            for start in range(0, cfg.max_mutants, cfg.chunk):
+                active = np.flatnonzero(decision == 0)
+                if active.size == 0:
+                    break
+                ids = range(start, min(start + cfg.chunk, cfg.max_mutants))
+                flips = self._flips(inputs[active], base[active], ids).sum(0).numpy()
+                changes[active] += flips
+                used[active] += len(ids)
+                if sprt is not None:
+                    decision[active] = sprt.decide(changes[active], used[active])
+                advance(len(ids))
+        lcr = changes / np.maximum(used, 1)
+        if sprt is not None:
+            undecided = decision == 0
+            flagged = lcr > self.lcr_threshold_ if cfg.suspicious == "high" else lcr < self.lcr_threshold_
+            decision[undecided] = np.where(flagged[undecided], 1, -1)
+        return MutationTest(lcr=lcr, n_mutants=used.astype(np.int64), decision=decision)
+
+    def sprt(self) -> SPRT:
+        """The sequential test around the calibrated LCR threshold."""
+        self.check_fitted()
+        cfg = self.config
+        return SPRT.around(self.lcr_threshold_, cfg.indifference, cfg.suspicious == "high", cfg.alpha, cfg.beta)
+
+    def _search_strength(self, clean: Observation, target: float, steps: int = 12) -> float:
+        """Bisect log(r) until the mean clean LCR (on up to 256 inputs) is close to `target`."""
+        sample = clean.subset(slice(0, 256))
+        lo, hi = np.log(1e-3), np.log(100.0)
+        for _ in range(steps):
+            mid = 0.5 * (lo + hi)
+            self._set_strength(float(np.exp(mid)))
+            mean = self.test(sample, sequential=False).lcr.mean()
+            if abs(mean - target) < 0.01:
+                break
+            lo, hi = (mid, hi) if mean < target else (lo, mid)
+        return self.strength
+
+    def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "ModelMutation":
+        """Calibrate the strength (if asked) and the LCR threshold at the clean `fpr` quantile."""
+        if self.config.target_clean_lcr is not None:
+            self._search_strength(clean, self.config.target_clean_lcr)
+        self.strength_ = self.strength
+        lcr = self.test(clean, sequential=False).lcr
+        q = 1.0 - self.config.fpr if self.config.suspicious == "high" else self.config.fpr
+        self.clean_lcr_mean_ = float(lcr.mean())
+        self.lcr_threshold_ = float(np.quantile(lcr, q))
+        return self
+
+    def score(self, obs: Observation) -> np.ndarray:
+        """LCR (suspicious high) or 1 - LCR (suspicious low) over the mutants the SPRT needed."""
+        self.check_fitted()
+        lcr = self.test(obs).lcr
+        return lcr if self.config.suspicious == "high" else 1.0 - lcr
+
+    def state(self) -> dict:
+        """Settings and fitted values, JSON-able."""
+        return {
+            "config": asdict(self.config),
+            "strength_": getattr(self, "strength_", None),
+            "lcr_threshold_": getattr(self, "lcr_threshold_", None),
+        }

@@ -1,0 +1,59 @@
+"""Fit detectors on clean data, calibrate them, and score clean and malicious sets with one probe pass each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from malex.detectors.base import Detector
+from malex.detectors.calibration import Threshold, calibrate
+from malex.evaluate.metrics import DetectionMetrics, evaluate_scores
+from malex.probe import Observation, Probe
+from malex.progress import track
+
+
+@dataclass
+class DetectionRun:
+    """Scores and metrics of several detectors on a clean set and several malicious sets."""
+
+    thresholds: dict[str, Threshold] = field(default_factory=dict)
+    clean_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    malicious_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # attack -> detector -> scores
+    metrics: dict[tuple[str, str], DetectionMetrics] = field(default_factory=dict)  # (detector, attack)
+    observations: dict[str, Observation] = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[str, str, DetectionMetrics]]:
+        """(detector, attack, metrics) rows, detector-major."""
+        return [(d, a, m) for (d, a), m in sorted(self.metrics.items(), key=lambda kv: kv[0])]
+
+
+def run_detectors(
+    detectors: dict[str, Detector],
+    fit_x: torch.Tensor,
+    calibration_x: torch.Tensor,
+    clean_x: torch.Tensor,
+    malicious: dict[str, torch.Tensor],
+    fit_y: torch.Tensor | None = None,
+    fpr: float = 0.05,
+    progress: bool = True,
+) -> DetectionRun:
+    """Fit every detector on `fit_x`, set its threshold at `fpr` on `calibration_x`, score the rest.
+
+    All detectors share one probe pass per input set (the union of the layers they read).
+    """
+    model = next(iter(detectors.values())).model
+    probe = Probe(model, [layer for det in detectors.values() for layer in det.layers()])
+    run = DetectionRun()
+    sets = {"fit": fit_x, "calibration": calibration_x, "clean": clean_x, **malicious}
+    run.observations = {name: probe.run(x) for name, x in sets.items()}
+    for name, det in track(list(detectors.items()), "detectors (fit + score)", enabled=progress):
+        det.fit(run.observations["fit"], fit_y)
+        run.thresholds[name] = calibrate(det.score(run.observations["calibration"]), fpr)
+        run.clean_scores[name] = det.score(run.observations["clean"])
+        for attack in malicious:
+            scores = det.score(run.observations[attack])
+            run.malicious_scores.setdefault(attack, {})[name] = scores
+            run.metrics[(name, attack)] = evaluate_scores(run.clean_scores[name], scores, run.thresholds[name])
+    return run

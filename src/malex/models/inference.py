@@ -1,0 +1,43 @@
+"""Batched inference helpers that leave the model's mode as they found it."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from malex.device import model_device
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put `model` in eval mode for the block and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits of `model` on `x` (computed in batches, returned on the CPU)."""
+    device = model_device(model)
+    outs = []
+    with eval_mode(model):
+        for start in range(0, x.shape[0], batch_size):
+            outs.append(model(x[start : start + batch_size].to(device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted class ids of `model` on `x`."""
+    return predict_logits(model, x, batch_size).argmax(dim=1)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Share of `x` that `model` labels as `y`."""
+    return float((predict(model, x, batch_size) == y).float().mean())

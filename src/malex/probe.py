@@ -1,0 +1,124 @@
+"""The one forward pass: hooks capture named layers so that every detector reads the same pass.
+
+A layer is named as in `model.named_modules()`. By default the module's output is captured; a name
+ending in ":in" captures the module's input instead (model mutation re-runs the dense head on its cached
+input). Hooks live only for the duration of a pass; the model is never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from malex.device import model_device
+from malex.errors import ConfigError
+from malex.models.inference import eval_mode
+from malex.progress import track
+
+INPUT_SUFFIX = ":in"
+
+
+@dataclass
+class Observation:
+    """What one probe pass saw: the inputs, the logits, and the captured layers (all on the CPU)."""
+
+    x: torch.Tensor
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def pred(self) -> torch.Tensor:
+        """The model's predicted labels."""
+        return self.logits.argmax(dim=1)
+
+    def layer(self, name: str) -> torch.Tensor:
+        """The captured tensor for `name`, with a clear error when it was not captured."""
+        if name not in self.features:
+            raise ConfigError(f"layer {name!r} was not captured by the probe; captured: {', '.join(self.features)}")
+        return self.features[name]
+
+    def subset(self, index: torch.Tensor | slice) -> "Observation":
+        """The observation restricted to the inputs at `index`."""
+        return Observation(self.x[index], self.logits[index], {k: v[index] for k, v in self.features.items()})
+
+    @staticmethod
+    def concat(parts: Sequence["Observation"]) -> "Observation":
+        """Join observations of consecutive batches."""
+        keys = parts[0].features.keys()
+        return Observation(
+            torch.cat([p.x for p in parts]),
+            torch.cat([p.logits for p in parts]),
+            {k: torch.cat([p.features[k] for p in parts]) for k in keys},
+        )
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The model's own `probe_layers` when it declares them, else every Conv2d and Linear module."""
+    declared = getattr(model, "probe_layers", None)
+    if declared:
+        return list(declared)
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+class Probe:
+    """Run a model once over a batch and capture the requested layers."""
+
+    def __init__(self, model: nn.Module, layers: Iterable[str] | None = None) -> None:
+        self.model = model
+        self.layers = list(dict.fromkeys(default_layers(model) if layers is None else layers))
+        modules = dict(model.named_modules())
+        for name in self.layers:
+            base = name[: -len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
+            if base not in modules:
+                raise ConfigError(f"model has no layer {base!r}; layers: {', '.join(n for n in modules if n)}")
+        self._modules = modules
+
+    def _install(self, store: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = []
+        for name in self.layers:
+            if name.endswith(INPUT_SUFFIX):
+                module = self._modules[name[: -len(INPUT_SUFFIX)]]
+
+                def pre_hook(_m, args, _name=name):
+                    store[_name] = args[0].detach()
+
+                handles.append(module.register_forward_pre_hook(pre_hook))
+            else:
+
+                def hook(_m, _args, output, _name=name):
+                    store[_name] = output.detach()
+
+                handles.append(self._modules[name].register_forward_hook(hook))
+        return handles
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, batch_size: int = 256, progress: bool = False) -> Observation:
+        """One pass over `x` (float32 NCHW in [0, 1]) in batches; returns an `Observation`."""
+        device = model_device(self.model)
+        parts: list[Observation] = []
+        store: dict[str, torch.Tensor] = {}
+        handles = self._install(store)
+        try:
+            with eval_mode(self.model):
+                starts = range(0, x.shape[0], batch_size)
+                for start in track(starts, "probe (batches)", enabled=progress):
+                    xb = x[start : start + batch_size]
+                    logits = self.model(xb.to(device)).float().cpu()
+                    feats = {k: store[k].float().cpu() for k in self.layers}
+                    parts.append(Observation(xb.cpu(), logits, feats))
+                    store.clear()
+        finally:
+            for h in handles:
+                h.remove()
+        return Observation.concat(parts)
+
+
+def observe(model: nn.Module, x: torch.Tensor, layers: Iterable[str] | None = None, batch_size: int = 256) -> Observation:
+    """Shorthand: `Probe(model, layers).run(x)`."""
+    return Probe(model, layers).run(x, batch_size=batch_size)

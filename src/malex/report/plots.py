@@ -1,0 +1,68 @@
+"""Plots of the three spaces and of detection quality, written as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from malex.evaluate.metrics import roc  # noqa: E402
+
+KIND_COLOURS = {"benign": "tab:green", "adversarial": "tab:red", "backdoor": "tab:purple"}
+
+
+def _colour(kind: str, i: int) -> str:
+    for key, colour in KIND_COLOURS.items():
+        if kind.startswith(key):
+            return colour
+    return f"C{i}"
+
+
+def plot_lcr_histograms(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | Path,
+                        thresholds: Mapping[str, float] | None = None) -> Path:
+    """One panel per mutation strength; in each, the LCR histogram of every input kind.
+
+    `panels` maps a panel title (e.g. "r = 0.30") to {kind: LCR values}; `thresholds` optionally maps the
+    same titles to the calibrated LCR threshold, drawn as a dashed line.
+    """
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    bins = np.linspace(0, 1, 26)
+    for ax, (title, kinds) in zip(axes[0], panels.items()):
+        for i, (kind, values) in enumerate(kinds.items()):
+            ax.hist(values, bins=bins, alpha=0.5, density=True, label=f"{kind} (n={len(values)})",
+                    color=_colour(kind, i))
+        if thresholds and title in thresholds:
+            ax.axvline(thresholds[title], color="black", ls="--", lw=1, label="calibrated threshold")
+        ax.set_title(title)
+        ax.set_xlabel("label-change rate under mutation")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_roc_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: str | Path) -> Path:
+    """One panel per attack; in each, the ROC curve of every detector from (clean, malicious) scores."""
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 4), squeeze=False)
+    for ax, (attack, detectors) in zip(axes[0], curves.items()):
+        for name, (clean, malicious) in detectors.items():
+            fpr, tpr = roc(clean, malicious)
+            ax.plot(fpr, tpr, label=name)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        ax.set_title(attack)
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("true-positive rate")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

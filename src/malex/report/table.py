@@ -1,0 +1,26 @@
+"""Terminal tables of detection metrics."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from malex.evaluate.metrics import DetectionMetrics
+
+
+def metrics_table(rows: Iterable[tuple[str, str, DetectionMetrics]], title: str) -> Table:
+    """A table with one row per (detector, attack)."""
+    table = Table(title=title, header_style="bold")
+    for col in ("detector", "attack", "AUROC", "TPR@1%FPR", "TPR@5%FPR", "clean passed", "malicious caught", "n"):
+        table.add_column(col, justify="left" if col in ("detector", "attack") else "right")
+    for detector, attack, m in rows:
+        table.add_row(detector, attack, f"{m.auroc:.3f}", f"{m.tpr_at_1fpr:.3f}", f"{m.tpr_at_5fpr:.3f}",
+                      f"{m.clean_pass:.3f}", f"{m.malicious_caught:.3f}", f"{m.n_clean}/{m.n_malicious}")
+    return table
+
+
+def print_table(table: Table, console: Console | None = None) -> None:
+    """Print a table to stdout (wide enough not to wrap)."""
+    (console or Console(width=max(120, Console().width))).print(table)
