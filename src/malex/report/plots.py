@@ -13,14 +13,27 @@ import numpy as np  # noqa: E402
 
 from malex.evaluate.metrics import roc  # noqa: E402
 
-KIND_COLOURS = {"benign": "tab:green", "adversarial": "tab:red", "backdoor": "tab:purple"}
+#: colour families per input kind; several attacks of one kind take successive shades
+KIND_COLOURS = {
+    "benign": ("tab:green",),
+    "adversarial": ("tab:red", "tab:orange", "tab:brown", "tab:pink"),
+    "backdoor": ("tab:purple", "tab:blue", "tab:cyan", "tab:olive"),
+}
 
 
-def _colour(kind: str, i: int) -> str:
-    for key, colour in KIND_COLOURS.items():
-        if kind.startswith(key):
-            return colour
-    return f"C{i}"
+def _colours(kinds: list[str]) -> list[str]:
+    """A colour per kind: its family's next shade, or a default cycle colour for other names."""
+    used = {family: 0 for family in KIND_COLOURS}
+    out = []
+    for i, kind in enumerate(kinds):
+        family = next((f for f in KIND_COLOURS if kind.startswith(f)), None)
+        if family is None:
+            out.append(f"C{i}")
+            continue
+        shades = KIND_COLOURS[family]
+        out.append(shades[used[family] % len(shades)])
+        used[family] += 1
+    return out
 
 
 def plot_lcr_histograms(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | Path,
@@ -34,9 +47,8 @@ def plot_lcr_histograms(panels: Mapping[str, Mapping[str, np.ndarray]], path: st
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     bins = np.linspace(0, 1, 26)
     for ax, (title, kinds) in zip(axes[0], panels.items()):
-        for i, (kind, values) in enumerate(kinds.items()):
-            ax.hist(values, bins=bins, alpha=0.5, density=True, label=f"{kind} (n={len(values)})",
-                    color=_colour(kind, i))
+        for colour, (kind, values) in zip(_colours(list(kinds)), kinds.items()):
+            ax.hist(values, bins=bins, alpha=0.45, density=True, label=f"{kind} (n={len(values)})", color=colour)
         if thresholds and title in thresholds:
             ax.axvline(thresholds[title], color="black", ls="--", lw=1, label="calibrated threshold")
         ax.set_title(title)

@@ -23,4 +23,4 @@ def metrics_table(rows: Iterable[tuple[str, str, DetectionMetrics]], title: str)
 
 def print_table(table: Table, console: Console | None = None) -> None:
     """Print a table to stdout (wide enough not to wrap)."""
-    (console or Console(width=max(120, Console().width))).print(table)
+    (console or Console(width=max(140, Console().width))).print(table)

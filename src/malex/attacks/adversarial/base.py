@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from malex.data import to_labels, to_nchw_float
+from malex.device import model_device
 from malex.errors import ConfigError, InputError
 from malex.progress import track
 
@@ -86,15 +87,6 @@ class AdversarialResult:
             "n": len(self),
             "seconds": float(self.seconds),
         }
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def require(condition: bool, message: str) -> None:

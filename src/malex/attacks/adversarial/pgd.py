@@ -2,7 +2,8 @@
 
 Repeated signed-gradient steps of size alpha, each followed by projection onto the eps ball around x and
 onto [0, 1], optionally from a uniform random start inside the ball. For each input the attack returns
-the last iterate on which it succeeded, or the final iterate if it never did.
+the last iterate on which it succeeded (with `early_stop`, the first one: an example just past the
+decision boundary rather than a confident one), or the final iterate if it never did.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from malex.attacks.adversarial.fgsm import ascent_gradient
 
 @dataclass(frozen=True)
 class PGDConfig:
-    """eps: Linf budget; alpha: step size (None -> eps / 4); steps: iterations; seed: for the random start."""
+    """eps: Linf budget; alpha: step size (None -> eps / 4); steps: iterations; seed: for the random start;
+    early_stop: keep each input's first successful iterate instead of its last."""
 
     eps: float = 0.1
     alpha: float | None = None
     steps: int = 40
     random_start: bool = True
     seed: int = 0
+    early_stop: bool = False
 
     def __post_init__(self) -> None:
         require(is_number(self.eps) and 0.0 <= self.eps <= 1.0, f"PGD eps is {self.eps!r}; expected a number in [0, 1]")
@@ -33,6 +36,7 @@ class PGDConfig:
         require(is_count(self.steps), f"PGD steps is {self.steps!r}; expected an int >= 1")
         require(isinstance(self.random_start, bool), f"PGD random_start is {self.random_start!r}; expected a bool")
         require(is_count(self.seed, minimum=0), f"PGD seed is {self.seed!r}; expected an int >= 0")
+        require(isinstance(self.early_stop, bool), f"PGD early_stop is {self.early_stop!r}; expected a bool")
 
     @property
     def step_size(self) -> float:
@@ -67,7 +71,8 @@ class PGD(AdversarialAttack):
                     logits = model(adv)
             pred = logits.argmax(dim=1)
             hit = pred != y if target is None else pred == target
-            best[hit] = adv[hit]  # the latest iterate that succeeded
+            keep = hit & ~ever if self.config.early_stop else hit
+            best[keep] = adv[keep]  # the first (early_stop) or latest iterate that succeeded
             ever |= hit
             if step < steps:
                 adv = adv + alpha * grad.sign()
