@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -174,3 +175,17 @@ def test_strip_scores_are_deterministic_and_fit_needs_enough_inputs(setup):
     np.testing.assert_array_equal(det.score(obs.subset(slice(0, 20))), det.score(obs.subset(slice(0, 20))))
     with pytest.raises(ConfigError):
         Strip(setup["model"], StripConfig(n_overlays=64)).fit(obs.subset(slice(0, 10)))
+
+
+@pytest.mark.parametrize("name", ["mutation_adv", "mutation_bd", "strip"])
+def test_export_and_restore_give_identical_scores(setup, name):
+    det = make_detector(name, setup["model"])
+    probe = Probe(setup["model"], det.layers())
+    det.fit(probe.run(setup["fit"]))
+    obs = probe.run(torch.cat([setup["clean"][:40], setup["backdoor"][:40]]))
+    meta, tensors = det.export()
+    json_meta = json.loads(json.dumps(meta))  # metadata survives JSON
+    fresh = make_detector(name, setup["model"]).restore(json_meta, tensors)
+    np.testing.assert_array_equal(det.score(obs), fresh.score(obs))
+    with pytest.raises(NotFittedError):
+        make_detector(name, setup["model"]).export()

@@ -4,18 +4,22 @@ A detector is fitted on clean inputs only; `score` returns one float per input, 
 suspicious. Fitted state lives in attributes whose names end in "_". Detectors read the `Observation`
 of the shared probe pass; `layers()` names what they need captured. Thresholding (calibration.py) and
 evaluation (malex.evaluate) are separate pieces.
+
+Fitted state is kept as plain values so that it saves without pickle: torch tensors, NumPy arrays,
+Python scalars and strings (or lists of them), or dicts from str to tensors or arrays. `export` turns it
+into (JSON-able metadata, named tensors) and `restore` sets it back.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from malex.errors import NotFittedError
+from malex.errors import ModelFileError, NotFittedError
 from malex.probe import Observation, Probe
 
 
@@ -53,6 +57,56 @@ class Detector(ABC):
     def state(self) -> dict:
         """Settings and fitted summary values, JSON-able (for reports)."""
         return {}
+
+    def fitted_state(self) -> dict[str, Any]:
+        """The attributes whose names end in "_" (not starting with "_")."""
+        return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Fitted state as (JSON-able metadata, tensors by name); raises `NotFittedError` when unfitted."""
+        self.check_fitted()
+        kinds: dict[str, str] = {}
+        values: dict[str, Any] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        for name, value in self.fitted_state().items():
+            if isinstance(value, (torch.Tensor, np.ndarray)):
+                kinds[name] = "ndarray" if isinstance(value, np.ndarray) else "tensor"
+                tensors[name] = torch.as_tensor(value).detach().cpu().contiguous()
+            elif isinstance(value, dict) and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in value.values()):
+                kinds[name] = "dict:" + ("ndarray" if any(isinstance(v, np.ndarray) for v in value.values()) else "tensor")
+                values[name] = list(value)  # keys, in order
+                for key, v in value.items():
+                    tensors[f"{name}/{key}"] = torch.as_tensor(v).detach().cpu().contiguous()
+            elif value is None or isinstance(value, (bool, int, float, str, list, tuple)):
+                kinds[name] = "value"
+                values[name] = list(value) if isinstance(value, tuple) else value
+            else:
+                raise TypeError(f"{self.name}: fitted attribute {name} of type {type(value).__name__} cannot be saved")
+        return {"kinds": kinds, "values": values}, tensors
+
+    def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "Detector":
+        """Set the fitted state written by `export`; raises `ModelFileError` when it is incomplete."""
+        try:
+            for name, kind in meta["kinds"].items():
+                if kind == "value":
+                    setattr(self, name, meta["values"][name])
+                elif kind in ("tensor", "ndarray"):
+                    t = tensors[name]
+                    setattr(self, name, t.numpy() if kind == "ndarray" else t)
+                elif kind.startswith("dict:"):
+                    as_np = kind == "dict:ndarray"
+                    setattr(self, name, {k: tensors[f"{name}/{k}"].numpy() if as_np else tensors[f"{name}/{k}"]
+                                         for k in meta["values"][name]})
+                else:
+                    raise KeyError(kind)
+        except (KeyError, TypeError) as exc:
+            raise ModelFileError(f"{self.name}: saved state is incomplete or malformed ({exc})") from exc
+        self.check_fitted()
+        self._after_restore()
+        return self
+
+    def _after_restore(self) -> None:
+        """Rebuild derived, unsaved helpers from restored state (override when needed)."""
 
     def observe(self, x: torch.Tensor, batch_size: int = 256) -> Observation:
         """A probe pass capturing just what this detector needs (for standalone use)."""

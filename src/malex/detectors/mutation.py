@@ -183,6 +183,9 @@ class ModelMutation(Detector):
             decision[undecided] = np.where(flagged[undecided], 1, -1)
         return MutationTest(lcr=lcr, n_mutants=used.astype(np.int64), decision=decision)
 
+    def _after_restore(self) -> None:
+        self._set_strength(self.strength_)
+
     def sprt(self) -> SPRT:
         """The sequential test around the calibrated LCR threshold."""
         self.check_fitted()
