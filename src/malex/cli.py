@@ -102,6 +102,123 @@ def predict(
         print(label)
 
 
+def _clean_reference(data: str, seed: int, labels: Optional[Path], shape) -> tuple:
+    """Clean inputs for fitting: a dataset's validation split, or an image file (+ optional labels)."""
+    from malex.data import load_digits, load_npz
+    from malex.data.inputs import read_images
+
+    if data == "digits":
+        split = load_digits(seed).val
+        return split.x, split.y
+    path = Path(data)
+    if path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) if path.is_file() else _missing(path) as archive:
+            dataset_like = "x_train" in archive.files
+        if dataset_like:
+            split = load_npz(path, seed=seed).val
+            return split.x, split.y
+    x = read_images(path, shape)
+    if labels is None:
+        return x, None
+    import numpy as np
+
+    return x, np.load(labels, allow_pickle=False)
+
+
+def _missing(path: Path):
+    from malex.errors import DataFileError
+
+    raise DataFileError(f"{path}: no such file")
+
+
+@app.command()
+def fit(
+    model: Path = typer.Argument(..., help="A malex model file."),
+    output: Path = typer.Option(Path("guard.safetensors"), "--out", help="Where to write the guard."),
+    data: str = typer.Option("digits", help="Clean inputs: 'digits' (its validation split), a dataset .npz "
+                             "(its validation split), or an .npy/.npz of images."),
+    labels: Optional[Path] = typer.Option(None, help="Labels (.npy) for an image file given as --data."),
+    detectors: str = typer.Option("mutation_adv,mutation_bd,strip", help="Comma-separated detector names."),
+    fpr: float = typer.Option(0.05, help="Target false-positive rate of the whole guard."),
+    seed: int = typer.Option(0, help="Seed."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Fit a guard for MODEL on clean inputs and write it to a guard file."""
+    from malex.guard import Guard, GuardConfig
+    from malex.guard.guard import detectors_from
+    from malex.models import load_model
+
+    if output.exists() and not force:
+        raise FileExistsError(f"{output} exists; pass --force to replace it")
+    net, _ = load_model(model)
+    x, y = _clean_reference(data, seed, labels, net.input_shape)
+    guard = Guard(net, GuardConfig(detectors=detectors_from(detectors), fpr=fpr, seed=seed)).fit(x, y)
+    guard.save(output, overwrite=force)
+    out.print(f"fitted {', '.join(guard.detectors)} on {x.shape[0]} clean inputs; "
+              f"guard threshold {guard.threshold_.value:.3f} at {fpr:.0%} FPR; wrote {output}")
+
+
+@app.command()
+def scan(
+    guard_file: Path = typer.Argument(..., help="A guard file from `malex fit`."),
+    inputs: Path = typer.Argument(..., help="Images as .npy or .npz (uint8 0..255 or float in [0, 1])."),
+    model: Path = typer.Option(..., "--model", help="The model file the guard was fitted for."),
+    fmt: str = typer.Option("csv", "--format", help="csv or jsonl."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write rows here instead of stdout."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Screen inputs: one row per input with prediction, verdict, guard score and detector scores."""
+    from malex.data.inputs import read_images
+    from malex.errors import ConfigError
+    from malex.guard import Guard
+    from malex.models import load_model
+    from malex.report.rows import write_rows
+
+    if fmt not in ("csv", "jsonl"):
+        raise ConfigError(f"unknown format {fmt!r}; expected csv or jsonl")
+    if output is not None and output.exists() and not force:
+        raise FileExistsError(f"{output} exists; pass --force to replace it")
+    net, _ = load_model(model)
+    guard = Guard.load(guard_file, net)
+    result = guard.screen(read_images(inputs, net.input_shape))
+    if output is None:
+        write_rows(result.rows(), sys.stdout, fmt)
+    else:
+        with output.open("w", newline="") as handle:
+            write_rows(result.rows(), handle, fmt)
+    flagged = int(result.flagged.sum())
+    Console(stderr=True).print(f"{len(result)} inputs screened, {flagged} flagged")
+
+
+@app.command()
+def evaluate(
+    guard_file: Path = typer.Argument(..., help="A guard file from `malex fit`."),
+    model: Path = typer.Option(..., "--model", help="The model file the guard was fitted for."),
+    clean: Path = typer.Option(..., help="Clean images (.npy/.npz) the guard has not seen."),
+    malicious: list[str] = typer.Option(..., help="NAME=PATH of malicious images; repeat for several sets."),
+) -> None:
+    """The metrics table (per detector and for the guard) on given clean and malicious sets."""
+    from malex.data.inputs import read_images
+    from malex.errors import ConfigError
+    from malex.evaluate.guarded import evaluate_guard
+    from malex.guard import Guard
+    from malex.models import load_model
+    from malex.report.table import metrics_table, print_table
+
+    net, _ = load_model(model)
+    guard = Guard.load(guard_file, net)
+    sets = {}
+    for item in malicious:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--malicious {item!r}; expected NAME=PATH")
+        sets[name] = read_images(Path(path), net.input_shape)
+    rows = evaluate_guard(guard, read_images(clean, net.input_shape), sets)
+    print_table(metrics_table(rows, f"detection at {guard.config.fpr:.0%} target FPR"))
+
+
 def main() -> None:
     """Entry point: run the app; turn expected errors into one line on stderr and exit status 2."""
     err = Console(stderr=True)

@@ -1,0 +1,205 @@
+"""The Guard: detectors fitted together on clean data, calibrated as a whole, giving verdicts.
+
+`Guard(model, GuardConfig(...)).fit(clean_x, clean_y)` splits the clean inputs into a fit part and a
+held-out calibration part, runs ONE probe pass per part, fits every detector on the first and records
+its scores on the second. A new input's score under each detector becomes a conformal p-value against
+those clean scores; the guard's own score is -log10 of the smallest p-value, thresholded so that at
+most `fpr` of the clean calibration inputs are flagged.
+
+The verdict type follows the study's observation, never knowledge of the attack: backdoor inputs are
+robust (low label-change rate under strong mutation, confident blends) and adversarial inputs are
+sensitive (high label-change rate under mild mutation). Each detector declares which kind its evidence
+points to; a flagged input is called the kind whose detectors give the stronger evidence (smaller
+p-value); detectors of no kind (feature-space anomalies) flag but do not type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from malex.data.dataset import stratified_split
+from malex.data.validate import to_labels, to_nchw_float
+from malex.detectors import Detector, make_detector
+from malex.detectors.calibration import Threshold, calibrate
+from malex.errors import ConfigError, NotFittedError
+from malex.guard.pvalues import conformal_pvalues
+from malex.probe import Observation, Probe
+from malex.progress import track
+
+BENIGN, ADVERSARIAL, BACKDOOR = "benign", "adversarial", "backdoor"
+
+#: which kind of malicious input each detector's evidence points to (absent: none in particular)
+EVIDENCE: dict[str, str] = {
+    "mutation_adv": ADVERSARIAL,
+    "squeeze": ADVERSARIAL,
+    "mutation_bd": BACKDOOR,
+    "mutation_bd_fixed": BACKDOOR,
+    "strip": BACKDOOR,
+    "scale_up": BACKDOOR,
+    "ibd_psc": BACKDOOR,
+}
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Which detectors (registry names, with optional settings), the target FPR and the clean split."""
+
+    detectors: tuple[str, ...] = ("mutation_adv", "mutation_bd", "strip")
+    settings: dict[str, dict] = field(default_factory=dict)
+    fpr: float = 0.05
+    calibration_fraction: float = 0.4
+    seed: int = 0
+    batch_size: int = 256
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.detectors:
+            raise ConfigError("a guard needs at least one detector")
+        if len(set(self.detectors)) != len(self.detectors):
+            raise ConfigError(f"detectors {self.detectors} name one detector twice")
+        if not 0 < self.fpr < 1 or not 0 < self.calibration_fraction < 1:
+            raise ConfigError(f"fpr {self.fpr} and calibration_fraction {self.calibration_fraction} must lie in (0, 1)")
+        unknown = set(self.settings) - set(self.detectors)
+        if unknown:
+            raise ConfigError(f"settings given for detectors not in the guard: {', '.join(sorted(unknown))}")
+
+
+@dataclass(frozen=True)
+class Screening:
+    """The guard's answer for a batch: per input, prediction, verdict, guard score and detector scores."""
+
+    prediction: np.ndarray
+    verdict: list[str]
+    guard_score: np.ndarray
+    scores: dict[str, np.ndarray]
+    pvalues: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.verdict)
+
+    @property
+    def flagged(self) -> np.ndarray:
+        return np.array([v != BENIGN for v in self.verdict])
+
+    def rows(self) -> list[dict]:
+        """One plain dict per input (for CSV / JSON lines)."""
+        return [
+            {"index": i, "prediction": int(self.prediction[i]), "verdict": self.verdict[i],
+             "guard_score": float(self.guard_score[i]), **{k: float(v[i]) for k, v in self.scores.items()}}
+            for i in range(len(self))
+        ]
+
+
+class Guard:
+    """Screen a model's inputs with several detectors under one calibrated false-positive rate."""
+
+    def __init__(self, model: nn.Module, config: GuardConfig = GuardConfig()) -> None:
+        self.model = model
+        self.config = config
+        self.detectors: dict[str, Detector] = {
+            name: make_detector(name, model, **config.settings.get(name, {})) for name in config.detectors
+        }
+        self.probe = Probe(model, [layer for det in self.detectors.values() for layer in det.layers()])
+        self.calibration_scores_: dict[str, np.ndarray] | None = None
+        self.threshold_: Threshold | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        shape = getattr(self.model, "input_shape", None)
+        return tuple(shape) if shape is not None else None
+
+    def _inputs(self, x) -> torch.Tensor:
+        return to_nchw_float(x, shape=self.input_shape, source="inputs")
+
+    def fit(self, clean_x, clean_y=None) -> "Guard":
+        """Fit every detector on clean inputs and calibrate the guard on a held-out clean part."""
+        x = self._inputs(clean_x)
+        y = to_labels(clean_y, n=x.shape[0]) if clean_y is not None else None
+        if x.shape[0] < 20:
+            raise ConfigError(f"{x.shape[0]} clean inputs; a guard needs at least 20 to fit and calibrate")
+        labels_for_split = y if y is not None else torch.zeros(x.shape[0], dtype=torch.long)
+        frac = self.config.calibration_fraction
+        fit_idx, cal_idx = stratified_split(labels_for_split, (1 - frac, frac), self.config.seed)
+        fit_obs = self.probe.run(x[fit_idx], self.config.batch_size, progress=self.config.progress)
+        cal_obs = self.probe.run(x[cal_idx], self.config.batch_size, progress=self.config.progress)
+        calibration: dict[str, np.ndarray] = {}
+        for name, det in track(list(self.detectors.items()), "fitting detectors", enabled=self.config.progress):
+            det.fit(fit_obs, y[fit_idx] if y is not None else None)
+            calibration[name] = det.score(cal_obs)
+        self.calibration_scores_ = calibration
+        self.threshold_ = calibrate(self._combine(self._pvalues(calibration)), self.config.fpr)
+        return self
+
+    def _check_fitted(self) -> None:
+        if self.calibration_scores_ is None or self.threshold_ is None:
+            raise NotFittedError("the guard is not fitted; call fit() on clean inputs or Guard.load() a saved one")
+
+    def _pvalues(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: conformal_pvalues(self.calibration_scores_[k], v) for k, v in scores.items()}
+
+    @staticmethod
+    def _combine(pvalues: dict[str, np.ndarray]) -> np.ndarray:
+        """Guard score: -log10 of the smallest per-detector p-value."""
+        return -np.log10(np.min(np.stack(list(pvalues.values())), axis=0))
+
+    def _kind(self, pvalues: dict[str, np.ndarray]) -> np.ndarray:
+        """ADVERSARIAL or BACKDOOR per input, from the detectors whose evidence has a kind."""
+        n = len(next(iter(pvalues.values())))
+        best = {kind: np.ones(n) for kind in (ADVERSARIAL, BACKDOOR)}
+        for name, p in pvalues.items():
+            kind = EVIDENCE.get(name)
+            if kind is not None:
+                best[kind] = np.minimum(best[kind], p)
+        return np.where(best[BACKDOOR] < best[ADVERSARIAL], BACKDOOR, ADVERSARIAL)
+
+    def screen_observation(self, obs: Observation) -> Screening:
+        """Screen inputs already seen by this guard's probe."""
+        self._check_fitted()
+        scores = {name: det.score(obs) for name, det in self.detectors.items()}
+        pvalues = self._pvalues(scores)
+        guard_score = self._combine(pvalues)
+        flagged = self.threshold_.flags(guard_score)
+        kinds = self._kind(pvalues)
+        verdict = [str(kinds[i]) if flagged[i] else BENIGN for i in range(len(obs))]
+        return Screening(obs.pred.numpy(), verdict, guard_score, scores, pvalues)
+
+    def screen(self, x) -> Screening:
+        """One probe pass over `x`, then every detector's score, the guard score and a verdict per input."""
+        self._check_fitted()
+        return self.screen_observation(self.probe.run(self._inputs(x), self.config.batch_size))
+
+    def save(self, path, overwrite: bool = False):
+        """Write the fitted guard to one safetensors file (no pickle); see `malex.guard.io`."""
+        from malex.guard.io import save_guard
+
+        return save_guard(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path, model: nn.Module) -> "Guard":
+        """Load a guard saved by `save`, in front of `model` (refused if the model differs)."""
+        from malex.guard.io import load_guard
+
+        return load_guard(path, model)
+
+    def describe(self) -> dict:
+        """Detectors, target FPR and calibration facts, JSON-able."""
+        self._check_fitted()
+        return {
+            "detectors": list(self.detectors),
+            "fpr": self.config.fpr,
+            "threshold": self.threshold_.value,
+            "n_calibration": int(len(next(iter(self.calibration_scores_.values())))),
+            "states": {k: d.state() for k, d in self.detectors.items()},
+        }
+
+
+def detectors_from(names: Sequence[str] | str) -> tuple[str, ...]:
+    """Parse 'a,b,c' or a sequence into a tuple of detector names."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    return tuple(names)
