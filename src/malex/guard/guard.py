@@ -27,7 +27,7 @@ from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
 from malex.detectors.calibration import Threshold, calibrate
 from malex.errors import ConfigError, NotFittedError
-from malex.guard.pvalues import conformal_pvalues
+from malex.guard.pvalues import conformal_pvalues, in_sample_pvalues
 from malex.probe import Observation, Probe
 from malex.progress import track
 
@@ -95,6 +95,17 @@ class Screening:
         ]
 
 
+def combine_pvalues(pvalues: dict[str, np.ndarray]) -> np.ndarray:
+    """The guard score: -log10 of the smallest per-detector p-value."""
+    return -np.log10(np.min(np.stack(list(pvalues.values())), axis=0))
+
+
+def calibrate_guard(calibration: dict[str, np.ndarray], fpr: float) -> Threshold:
+    """The guard-score threshold that flags at most `fpr` of the clean calibration inputs, each scored
+    against the other calibration inputs (so that it matches what a new clean input gets)."""
+    return calibrate(combine_pvalues({k: in_sample_pvalues(v) for k, v in calibration.items()}), fpr)
+
+
 class Guard:
     """Screen a model's inputs with several detectors under one calibrated false-positive rate."""
 
@@ -132,7 +143,7 @@ class Guard:
             det.fit(fit_obs, y[fit_idx] if y is not None else None)
             calibration[name] = det.score(cal_obs)
         self.calibration_scores_ = calibration
-        self.threshold_ = calibrate(self._combine(self._pvalues(calibration)), self.config.fpr)
+        self.threshold_ = calibrate_guard(calibration, self.config.fpr)
         return self
 
     def _check_fitted(self) -> None:
@@ -141,11 +152,6 @@ class Guard:
 
     def _pvalues(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: conformal_pvalues(self.calibration_scores_[k], v) for k, v in scores.items()}
-
-    @staticmethod
-    def _combine(pvalues: dict[str, np.ndarray]) -> np.ndarray:
-        """Guard score: -log10 of the smallest per-detector p-value."""
-        return -np.log10(np.min(np.stack(list(pvalues.values())), axis=0))
 
     def _kind(self, pvalues: dict[str, np.ndarray]) -> np.ndarray:
         """ADVERSARIAL or BACKDOOR per input, from the detectors whose evidence has a kind."""
@@ -162,7 +168,7 @@ class Guard:
         self._check_fitted()
         scores = {name: det.score(obs) for name, det in self.detectors.items()}
         pvalues = self._pvalues(scores)
-        guard_score = self._combine(pvalues)
+        guard_score = combine_pvalues(pvalues)
         flagged = self.threshold_.flags(guard_score)
         kinds = self._kind(pvalues)
         verdict = [str(kinds[i]) if flagged[i] else BENIGN for i in range(len(obs))]

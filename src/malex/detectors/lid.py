@@ -1,0 +1,138 @@
+"""Local intrinsic dimensionality (Ma, Li, Wang, Erfani, Wijewickrema, Schoenebeck, Song, Houle and
+Bailey, "Characterizing Adversarial Subspaces Using Local Intrinsic Dimensionality", ICLR 2018).
+
+Per layer, the features of an input are flattened (or spatially averaged with `pool=True`) and compared
+with a reference set of clean features. The maximum-likelihood estimate of the input's LID from its k
+nearest reference neighbours (distances r_1 <= ... <= r_k) is
+
+    LID(x) = -1 / ( (1/k) sum_{i=1..k} log(r_i / r_k) ),
+
+higher for inputs in high-dimensional, sparsely populated regions, which adversarial examples reach.
+
+The reference set is a seeded uniform random subset of at most `max_reference` clean inputs (the same
+inputs for every layer), drawn while streaming over the fit data (`BoundedSample`). A reference input
+scored again would find itself at distance zero; neighbours at (numerically) zero distance are therefore
+skipped, which makes the clean statistics computed at fit time over the whole fit set leave-one-out for
+the inputs that are in the reference set. Distances are computed with `torch.cdist` in float64, one chunk
+of `batch_size` inputs at a time.
+
+The original paper fits a logistic regression on the per-layer LIDs of clean, noisy and adversarial
+minibatches; a deployed guard has no attack examples, so layers are combined without labels by default:
+each layer's LID is standardised by its clean mean and standard deviation and the MEAN over layers is the
+score (`combine="max"`: the maximum). `fit_supervised` reproduces the paper's logistic regression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from malex.detectors.stats import (
+    COMBINE_RULES, ZERO_DISTANCE, BoundedSample, LayerwiseDetector, batches, check_layers, feature_matrix,
+)
+from malex.errors import ConfigError, InputError
+from malex.probe import Observation, default_layers
+
+@dataclass(frozen=True)
+class LIDConfig:
+    """`k` neighbours among at most `max_reference` clean inputs (chosen by `seed`); `pool` averages conv
+    maps over space instead of flattening them; `combine`: "mean" or "max" over standardised layers."""
+
+    layers: tuple[str, ...] | None = None
+    k: int = 20
+    max_reference: int = 2000
+    pool: bool = False
+    combine: str = "mean"
+    seed: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers) or not self.layers:
+                raise ConfigError(f"layers is {self.layers!r}; expected a non-empty tuple of layer names")
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.k < 2:
+            raise ConfigError(f"k is {self.k}; expected at least 2 neighbours")
+        if self.max_reference <= self.k:
+            raise ConfigError(f"max_reference {self.max_reference} must exceed k = {self.k}")
+        if self.combine not in COMBINE_RULES:
+            raise ConfigError(f"combine is {self.combine!r}; expected one of {', '.join(COMBINE_RULES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size is {self.batch_size}; expected at least 1")
+
+
+def lid_mle(distances: torch.Tensor) -> torch.Tensor:
+    """LID estimates from (N, k) ascending neighbour distances: -1 / mean_i log(r_i / r_k)."""
+    r = distances.to(torch.float64).clamp_min(1e-30)
+    mean_log = torch.log(r / r[:, -1:]).mean(dim=1)
+    return -1.0 / mean_log.clamp(max=-1e-12)
+
+
+def knn_distances(query: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) ascending Euclidean distances from each query row to its k nearest reference rows, skipping
+    reference rows that coincide with the query (zero distance)."""
+    q, ref = query.to(torch.float64), reference.to(torch.float64)
+    d = torch.cdist(q, ref)
+    scale = (q * q).sum(1, keepdim=True) + (ref * ref).sum(1).unsqueeze(0)
+    d = d.masked_fill(d * d <= ZERO_DISTANCE * scale + 1e-300, float("inf"))
+    return torch.topk(d, k, dim=1, largest=False, sorted=True).values
+
+
+class LID(LayerwiseDetector):
+    """Per-layer LID estimates against a bounded clean reference set, standardised and combined."""
+
+    name = "lid"
+    fitted_attributes = ("layers_", "reference_", "k_", "pool_") + LayerwiseDetector.common_attributes
+
+    def __init__(self, model: nn.Module, config: LIDConfig = LIDConfig()) -> None:
+        super().__init__(model)
+        self.config = config
+        self.combine = config.combine
+        self.batch_size = config.batch_size
+        self._layers = check_layers(model, config.layers if config.layers is not None else default_layers(model))
+
+    def layers(self) -> list[str]:
+        return list(getattr(self, "layers_", self._layers))
+
+    @property
+    def columns(self) -> list[str]:
+        return self.layers()
+
+    def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "LID":
+        """Sample the reference set while streaming over `clean` (labels are not used), then the clean
+        mean and std of every layer's LID (leave-one-out for reference inputs)."""
+        k = self.config.k
+        if len(clean) <= k:
+            raise InputError(f"LID needs more than k = {k} clean inputs to fit; got {len(clean)}")
+        sample = BoundedSample(self.config.max_reference, self.config.seed)
+        for sl in batches(len(clean), self.batch_size):
+            sample.update({n: feature_matrix(clean.layer(n)[sl], self.config.pool).float() for n in self._layers})
+        self.layers_ = list(self._layers)
+        self.reference_ = {n: t.contiguous() for n, t in sample.rows.items()}
+        self.k_ = k
+        self.pool_ = bool(self.config.pool)
+        self._fit_standardisation(clean)
+        return self
+
+    @property
+    def n_reference(self) -> int:
+        """How many clean inputs the reference set holds."""
+        self.check_fitted()
+        return int(next(iter(self.reference_.values())).shape[0])
+
+    def _raw_scores(self, obs: Observation) -> np.ndarray:
+        cols = []
+        for name in self.layers_:
+            ref = self.reference_[name]
+            out = [
+                lid_mle(knn_distances(feature_matrix(obs.layer(name)[sl], self.pool_), ref, self.k_))
+                for sl in batches(len(obs), self.batch_size)
+            ]
+            cols.append(torch.cat(out) if out else torch.empty(0, dtype=torch.float64))
+        return torch.stack(cols, dim=1).numpy()
+
+    def state(self) -> dict:
+        return {"config": asdict(self.config), "layers": self.layers(), "supervised": self.supervised}

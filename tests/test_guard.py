@@ -1,0 +1,139 @@
+"""The Guard: calibrated FPR, verdict types, persistence, refusal of tampered files and other models."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from malex.attacks.adversarial import make_adversarial
+from malex.attacks.backdoor import PoisonConfig, make_trigger, poison_split, triggered_inputs
+from malex.data import load_digits
+from malex.errors import ConfigError, InputError, ModelFileError, NotFittedError
+from malex.guard import Guard, GuardConfig
+from malex.guard.guard import calibrate_guard, combine_pvalues
+from malex.guard.pvalues import conformal_pvalues, in_sample_pvalues
+from malex.models import build_model
+from malex.models.inference import predict
+from malex.models.train import TrainConfig, train_classifier
+
+TARGET = 1
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    data = load_digits(0)
+    trigger = make_trigger("badnets", size=2, margin=0)
+    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(rate=0.1, target=TARGET))
+    model = build_model("digits_cnn", data.image_shape, data.num_classes)
+    train_classifier(model, poisoned, TrainConfig(epochs=25, shift=1), progress=False)
+    correct = data.test.subset(predict(model, data.test.x) == data.test.y)
+    stamped = triggered_inputs(data.test, trigger, TARGET).x
+    cw = make_adversarial("cw", steps=60).run(model, correct.x, correct.y, progress=False).successful()
+    guard = Guard(model, GuardConfig(progress=False)).fit(data.val.x, data.val.y)
+    return {"model": model, "data": data, "guard": guard, "clean": correct.x,
+            "backdoor": stamped[predict(model, stamped) == TARGET], "cw": cw}
+
+
+def test_conformal_pvalues_rank_scores_among_clean_ones():
+    cal = np.array([0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_allclose(conformal_pvalues(cal, np.array([0.0, 0.35, 0.4, 9.0])), [1.0, 0.4, 0.4, 0.2])
+    np.testing.assert_allclose(in_sample_pvalues(cal), [1.0, 0.75, 0.5, 0.25])
+
+
+def test_guard_false_positive_rate_on_unseen_clean_inputs_is_near_target(setup):
+    """Over random splits of clean scores into calibration and unseen parts, the guard's FPR averages
+    close to the 5% target; one split of ~150 calibration inputs varies by about +-2.5 points."""
+    guard = setup["guard"]
+    unseen = guard.screen(setup["data"].test.x)  # all clean test inputs, as a deployed guard sees them
+    assert unseen.flagged.mean() <= 0.15
+    pool = {k: np.r_[guard.calibration_scores_[k], unseen.scores[k]] for k in unseen.scores}
+    n_cal, n_all = len(guard.calibration_scores_["strip"]), len(pool["strip"])
+    rng = np.random.default_rng(0)
+    fprs = []
+    for _ in range(200):
+        perm = rng.permutation(n_all)
+        cal, new = perm[:n_cal], perm[n_cal:]
+        threshold = calibrate_guard({k: v[cal] for k, v in pool.items()}, 0.05)
+        score = combine_pvalues({k: conformal_pvalues(v[cal], v[new]) for k, v in pool.items()})
+        fprs.append(threshold.flags(score).mean())
+    assert 0.03 <= np.mean(fprs) <= 0.05 + 1.5 / n_cal  # target plus the conformal discreteness term
+
+
+def test_guard_catches_and_types_backdoor_and_adversarial_inputs(setup):
+    bd = Counter(setup["guard"].screen(setup["backdoor"]).verdict)
+    cw = Counter(setup["guard"].screen(setup["cw"]).verdict)
+    n_bd, n_cw = sum(bd.values()), sum(cw.values())
+    assert bd["backdoor"] / n_bd >= 0.7 and bd["adversarial"] / n_bd <= 0.05
+    assert cw["adversarial"] / n_cw >= 0.2 and cw["backdoor"] / n_cw <= 0.1
+
+
+def test_screen_reports_prediction_and_every_detector_score(setup):
+    res = setup["guard"].screen(setup["clean"][:7])
+    assert len(res) == 7 and set(res.scores) == {"mutation_adv", "mutation_bd", "strip"}
+    np.testing.assert_array_equal(res.prediction, predict(setup["model"], setup["clean"][:7]).numpy())
+    row = res.rows()[0]
+    assert {"prediction", "verdict", "guard_score", "strip"} <= set(row)
+
+
+def test_saved_guard_scores_the_same_after_loading(setup, tmp_path):
+    path = setup["guard"].save(tmp_path / "g.safetensors")
+    loaded = Guard.load(path, setup["model"])
+    x = torch.cat([setup["clean"][:30], setup["backdoor"][:30]])
+    a, b = setup["guard"].screen(x), loaded.screen(x)
+    np.testing.assert_array_equal(a.guard_score, b.guard_score)
+    assert a.verdict == b.verdict
+    for k in a.scores:
+        np.testing.assert_array_equal(a.scores[k], b.scores[k])
+
+
+def test_save_refuses_to_overwrite(setup, tmp_path):
+    path = tmp_path / "g.safetensors"
+    path.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        setup["guard"].save(path)
+    assert path.read_bytes() == b"keep me"
+
+
+def test_guard_for_another_model_is_refused(setup, tmp_path):
+    path = setup["guard"].save(tmp_path / "g.safetensors")
+    other = build_model("digits_cnn", (1, 8, 8), 10)
+    with pytest.raises(ModelFileError, match="different model"):
+        Guard.load(path, other)
+
+
+def test_tampered_and_truncated_guard_files_are_refused(setup, tmp_path):
+    path = setup["guard"].save(tmp_path / "g.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["cal/strip"] = tensors["cal/strip"] + 1.0  # shift the calibration scores
+    save_file(tensors, str(tmp_path / "tampered.safetensors"), metadata=meta)
+    with pytest.raises(ModelFileError, match="digest"):
+        Guard.load(tmp_path / "tampered.safetensors", setup["model"])
+    raw = path.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ModelFileError):
+        Guard.load(tmp_path / "short.safetensors", setup["model"])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelFileError):
+        Guard.load(tmp_path / "junk.safetensors", setup["model"])
+
+
+def test_unfitted_guard_and_bad_inputs_raise(setup):
+    guard = Guard(setup["model"], GuardConfig(progress=False))
+    with pytest.raises(NotFittedError):
+        guard.screen(setup["clean"][:2])
+    with pytest.raises(InputError):
+        setup["guard"].screen(torch.full((2, 1, 8, 8), float("nan")))
+    with pytest.raises(InputError):
+        setup["guard"].screen(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ConfigError):
+        GuardConfig(detectors=("strip", "strip"))
+    with pytest.raises(ConfigError):
+        GuardConfig(detectors=("no-such",)) and Guard(setup["model"], GuardConfig(detectors=("no-such",)))
