@@ -8,6 +8,9 @@ from torch import nn
 
 from malex.detectors.base import Detector
 from malex.detectors.calibration import Threshold, calibrate
+from malex.detectors.kd_bu import KDBU, KDBUConfig
+from malex.detectors.lid import LID, LIDConfig
+from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig
 from malex.detectors.mutation import ModelMutation, MutationConfig, MutationTest
 from malex.detectors.sprt import SPRT
 from malex.detectors.strip import Strip, StripConfig
@@ -29,6 +32,9 @@ DETECTORS: dict[str, Callable[..., Detector]] = {
     "mutation_bd": _mutation(strength=0.65, target_clean_lcr=0.6, suspicious="low"),
     "mutation_bd_fixed": _mutation(strength=0.65, suspicious="low"),
     "strip": lambda model, **kw: Strip(model, StripConfig(**kw)),
+    "mahalanobis": lambda model, **kw: Mahalanobis(model, MahalanobisConfig(**kw)),
+    "lid": lambda model, **kw: LID(model, LIDConfig(**kw)),
+    "kd_bu": lambda model, **kw: KDBU(model, KDBUConfig(**kw)),
 }
 
 
@@ -43,6 +49,6 @@ def make_detector(name: str, model: nn.Module, **settings) -> Detector:
 
 
 __all__ = [
-    "DETECTORS", "SPRT", "Detector", "ModelMutation", "MutationConfig", "MutationTest", "Strip", "StripConfig",
+    "DETECTORS", "KDBU", "LID", "SPRT", "Detector", "KDBUConfig", "LIDConfig", "Mahalanobis", "MahalanobisConfig", "ModelMutation", "MutationConfig", "MutationTest", "Strip", "StripConfig",
     "Threshold", "calibrate", "make_detector",
 ]

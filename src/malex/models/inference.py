@@ -13,13 +13,14 @@ from malex.device import model_device
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put `model` in eval mode for the block and restore its previous mode afterwards."""
-    was_training = model.training
+    """Put `model` in eval mode for the block and restore every submodule's previous mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @torch.no_grad()
