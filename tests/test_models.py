@@ -52,11 +52,12 @@ def test_build_model_unknown_arch_and_bad_settings():
         build_model("gtsrb_vgg", (3, 32, 32), 10, mean=(0.1, 0.2))
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: an input shape too small for the architecture raises "
-                                       "RuntimeError from conv2d instead of ConfigError (registry.py)")
-def test_build_model_input_too_small_is_config_error():
-    with pytest.raises(ConfigError):
+def test_build_model_input_the_arch_cannot_take_is_config_error():
+    # was a RuntimeError from conv2d / torch.zeros
+    with pytest.raises(ConfigError, match=r"\(1, 8, 8\)"):
         build_model("mnist_cnn", (1, 8, 8), 10)
+    with pytest.raises(ConfigError):
+        build_model("digits_cnn", (1, -8, 8), 10)
 
 
 # ------------------------------------------------------------------------------------------------ model files
@@ -194,8 +195,6 @@ def test_non_finite_weights_rejected(tmp_path, digits_model, bad):
     _assert_model_error(path, "weight features.2.weight contains NaN or infinite values")
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: a header whose input_shape the architecture cannot take "
-                                       "raises RuntimeError from torch instead of ModelFileError (io.py)")
 @pytest.mark.parametrize("arch, shape", [("mnist_cnn", [1, 8, 8]), ("digits_cnn", [1, -8, 8])])
 def test_unbuildable_input_shape_in_header_rejected(tmp_path, digits_model, arch, shape):
     path = tmp_path / "shape.safetensors"
@@ -248,11 +247,10 @@ def test_accuracy_is_share_of_matching_labels():
     assert accuracy(model, torch.zeros(8, 1, 2, 2), truth, batch_size=3) == pytest.approx(5 / 8)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: predict() on zero inputs raises IndexError (argmax over dim 1 "
-                                       "of the 1-D torch.empty(0) that predict_logits returns) in inference.py")
 def test_predict_on_no_inputs_returns_empty(digits_model):
-    out = predict(digits_model, torch.zeros(0, 1, 8, 8))
-    assert out.shape == (0,)
+    # was an IndexError: argmax over dim 1 of the 1-D torch.empty(0) that predict_logits returned
+    assert predict_logits(digits_model, torch.zeros(0, 1, 8, 8)).shape == (0, 10)
+    assert predict(digits_model, torch.zeros(0, 1, 8, 8)).shape == (0,)
 
 
 # -------------------------------------------------------------------------------------------------- training

@@ -52,6 +52,7 @@ def train(
     """Train a (optionally backdoored) model and report clean accuracy and attack success rate."""
     from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split
     from malex.data import load_digits, load_npz
+    from malex.errors import ConfigError
     from malex.models import build_model, save_model
     from malex.models.inference import accuracy
     from malex.models.train import TrainConfig, train_classifier
@@ -65,6 +66,8 @@ def train(
     train_split, info = dataset.train, {"dataset": dataset.name}
     trig = None
     if trigger:
+        if not 0 <= target < dataset.num_classes:
+            raise ConfigError(f"--target {target} is not a class of {dataset.name}; expected 0..{dataset.num_classes - 1}")
         trig = make_trigger(trigger, **({"size": 2} if trigger == "badnets" and h <= 8 else {}))
         train_split, _ = poison_split(train_split, trig, PoisonConfig(rate, target, seed))
         info.update(trigger=trig.describe(), target=target, rate=rate)
@@ -105,32 +108,20 @@ def predict(
 def _clean_reference(data: str, seed: int, labels: Optional[Path], shape) -> tuple:
     """Clean inputs for fitting: a dataset's validation split, or an image file (+ optional labels)."""
     from malex.data import load_digits, load_npz
+    from malex.data.files import load_arrays
     from malex.data.inputs import read_images
 
     if data == "digits":
         split = load_digits(seed).val
         return split.x, split.y
     path = Path(data)
-    if path.suffix == ".npz":
-        import numpy as np
-
-        with np.load(path, allow_pickle=False) if path.is_file() else _missing(path) as archive:
-            dataset_like = "x_train" in archive.files
-        if dataset_like:
-            split = load_npz(path, seed=seed).val
-            return split.x, split.y
+    if "x_train" in load_arrays(path):
+        split = load_npz(path, seed=seed).val
+        return split.x, split.y
     x = read_images(path, shape)
     if labels is None:
         return x, None
-    import numpy as np
-
-    return x, np.load(labels, allow_pickle=False)
-
-
-def _missing(path: Path):
-    from malex.errors import DataFileError
-
-    raise DataFileError(f"{path}: no such file")
+    return x, next(iter(load_arrays(labels).values()))
 
 
 @app.command()
@@ -225,7 +216,7 @@ def main() -> None:
     try:
         app()
     except (MalexError, FileExistsError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True, style="red")
         sys.exit(2)
 
 

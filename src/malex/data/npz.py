@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from malex.data.files import load_arrays
 from malex.data.dataset import Dataset, Split, stratified_split
 from malex.data.validate import to_labels, to_nchw_float
 from malex.errors import DataFileError, InputError
@@ -30,13 +30,7 @@ def load_npz(path: str | Path, seed: int = 0, val_fraction: float = 0.1, name: s
     validation split. Every array is checked; a problem raises `DataFileError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataFileError(f"{path}: no such file; expected an .npz archive with {', '.join(REQUIRED)}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DataFileError(f"{path}: not a readable .npz archive ({exc})") from exc
+    arrays = load_arrays(path)
     missing = [k for k in REQUIRED if k not in arrays]
     if missing:
         raise DataFileError(f"{path}: missing arrays {', '.join(missing)}; found {', '.join(sorted(arrays)) or 'none'}")

@@ -36,8 +36,10 @@ def to_nchw_float(
     if isinstance(images, torch.Tensor):
         arr = images.detach().cpu()
     elif isinstance(images, np.ndarray):
-        if images.dtype == object:
-            raise InputError(f"{where}images have dtype object; expected uint8 or float")
+        if images.dtype.kind not in "biuf":
+            raise InputError(f"{where}images have dtype {images.dtype}; expected uint8 (0..255) or float in [0, 1]")
+        if not images.dtype.isnative:
+            images = images.astype(images.dtype.newbyteorder("="))
         arr = torch.from_numpy(np.ascontiguousarray(images))
     else:
         raise InputError(f"{where}images must be a NumPy array or torch tensor, got {type(images).__name__}")

@@ -31,7 +31,10 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> 
     with eval_mode(model):
         for start in range(0, x.shape[0], batch_size):
             outs.append(model(x[start : start + batch_size].to(device)).float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
+    if not outs:  # no inputs: run the empty batch so that the result still has the class dimension
+        with eval_mode(model):
+            return model(x[:0].to(device)).float().cpu()
+    return torch.cat(outs)
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

@@ -18,8 +18,14 @@ def _conv_block(cin: int, cout: int, k: int, pad: int) -> list[nn.Module]:
 def _flat_size(features: nn.Sequential, shape: tuple[int, int, int]) -> int:
     import torch
 
-    with torch.no_grad():
-        return int(features(torch.zeros(1, *shape)).numel())
+    if any(s < 1 for s in shape):
+        raise ConfigError(f"input shape {tuple(shape)}; expected positive (C, H, W)")
+    try:
+        with torch.no_grad():
+            return int(features(torch.zeros(1, *shape)).numel())
+    except RuntimeError as exc:
+        raise ConfigError(f"images of shape {tuple(shape)} are too small or have the wrong channels for this "
+                          f"architecture ({exc})") from exc
 
 
 def _head(flat: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -120,4 +126,8 @@ def build_model(arch: str, input_shape: tuple[int, int, int], num_classes: int, 
         raise ConfigError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     if num_classes < 2:
         raise ConfigError(f"num_classes is {num_classes}; expected at least 2")
-    return ARCHITECTURES[arch].build(input_shape=tuple(int(s) for s in input_shape), num_classes=num_classes, **kwargs)
+    try:
+        return ARCHITECTURES[arch].build(input_shape=tuple(int(s) for s in input_shape), num_classes=num_classes,
+                                         **kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"architecture {arch!r}: {exc}") from exc
