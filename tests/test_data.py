@@ -365,7 +365,7 @@ def test_load_npz_missing_file_rejected(tmp_path):
 def test_load_npz_on_plain_npy_content_rejected(tmp_path):
     np.save(tmp_path / "plain.npy", _images(4))
     shutil.copy(tmp_path / "plain.npy", tmp_path / "plain.npz")
-    _assert_data_error(tmp_path / "plain.npz", "missing arrays")
+    _assert_data_error(tmp_path / "plain.npz", "single array, not a dataset")
 
 
 # --------------------------------------------------------------------------------------------- read_images
@@ -433,3 +433,17 @@ def test_read_images_npz_suffix_with_npy_content(tmp_path):
     except DataFileError:
         return  # refusing the file with a clear error is fine
     assert out.shape == (2, 1, 8, 8)  # and so is reading the one array it holds
+
+
+def test_string_labels_rejected_with_input_error():
+    with pytest.raises(InputError, match="labels have dtype"):
+        to_labels(np.array(["a", "b"]), n=2)
+
+
+def test_npz_with_square_three_channel_images_is_read_as_nhwc(tmp_path):
+    x = np.zeros((4, 3, 3, 3), np.uint8)
+    x[:, 0, 1, 2] = 255  # row 0, column 1, channel 2 in NHWC
+    y = np.array([0, 1, 0, 1])
+    np.savez(tmp_path / "sq.npz", x_train=x, y_train=y, x_test=x, y_test=y, x_val=x, y_val=y)
+    ds = load_npz(tmp_path / "sq.npz")
+    assert float(ds.test.x[0, 2, 0, 1]) == 1.0 and float(ds.test.x.sum()) == 4.0

@@ -197,3 +197,10 @@ def test_metrics_reject_bad_scores(clean, malicious):
         evaluate_scores(np.array(clean), np.array(malicious), Threshold(0.2, 0.05))
     with pytest.raises(InputError):
         auroc(np.array(clean), np.array(malicious))
+
+
+def test_nan_scores_are_flagged_not_passed():
+    from malex.detectors.calibration import Threshold
+
+    flags = Threshold(0.5, 0.05).flags(np.array([0.1, np.nan, 0.9]))
+    assert flags.tolist() == [False, True, True]

@@ -31,6 +31,9 @@ def load_npz(path: str | Path, seed: int = 0, val_fraction: float = 0.1, name: s
     """
     path = Path(path)
     arrays = load_arrays(path)
+    if set(arrays) == {""}:
+        raise DataFileError(f"{path}: holds a single array, not a dataset; expected an .npz archive with "
+                            f"{', '.join(REQUIRED)}")
     missing = [k for k in REQUIRED if k not in arrays]
     if missing:
         raise DataFileError(f"{path}: missing arrays {', '.join(missing)}; found {', '.join(sorted(arrays)) or 'none'}")
@@ -48,7 +51,7 @@ def load_npz(path: str | Path, seed: int = 0, val_fraction: float = 0.1, name: s
         elif here != shape:
             raise DataFileError(f"{path}: x_{split} images are {here} but x_train images are {shape}; expected one size")
         try:
-            x = to_nchw_float(xs, shape=shape, source=f"{path} x_{split}")
+            x = to_nchw_float(xs.transpose(0, 3, 1, 2), shape=shape, source=f"{path} x_{split}")
             y = to_labels(ys, n=xs.shape[0], source=f"{path} y_{split}")
         except InputError as exc:
             raise DataFileError(str(exc)) from exc

@@ -82,7 +82,13 @@ def to_nchw_float(
 def to_labels(labels: ArrayLike, *, n: int, num_classes: int | None = None, source: str | None = None) -> torch.Tensor:
     """Return `labels` as an int64 tensor of length `n`, each in [0, num_classes)."""
     where = _where(source)
-    arr = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    if not isinstance(labels, torch.Tensor):
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "biuf":
+            raise InputError(f"{where}labels have dtype {labels.dtype}; expected integer class ids")
+        if not labels.dtype.isnative:
+            labels = labels.astype(labels.dtype.newbyteorder("="))
+    arr = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(labels))
     if arr.ndim != 1:
         raise InputError(f"{where}labels have shape {tuple(arr.shape)}; expected one dimension (N,)")
     if arr.shape[0] != n:

@@ -17,8 +17,9 @@ class Threshold:
     fpr: float
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
-        """Boolean flag per score."""
-        return np.asarray(scores, dtype=np.float64) > self.value
+        """Boolean flag per score; a NaN score is flagged (a detector that cannot score an input does not pass it)."""
+        s = np.asarray(scores, dtype=np.float64)
+        return (s > self.value) | np.isnan(s)
 
 
 def calibrate(clean_scores: np.ndarray, fpr: float = 0.05) -> Threshold:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.shift < 0:
-            raise ConfigError(f"invalid training settings {self}; expected epochs, batch_size >= 1, lr > 0, shift >= 0")
+        if (self.epochs < 1 or self.batch_size < 1 or not math.isfinite(self.lr) or self.lr <= 0 or self.shift < 0
+                or not math.isfinite(self.weight_decay) or self.weight_decay < 0):
+            raise ConfigError(f"invalid training settings {self}; expected epochs, batch_size >= 1, finite lr > 0, "
+                              "weight_decay >= 0, shift >= 0")
 
 
 def _random_shift(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
