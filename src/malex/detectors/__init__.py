@@ -8,9 +8,13 @@ from torch import nn
 
 from malex.detectors.base import Detector
 from malex.detectors.calibration import Threshold, calibrate
+from malex.detectors.ibd_psc import IBDPSC, IBDPSCConfig
 from malex.detectors.kd_bu import KDBU, KDBUConfig
 from malex.detectors.lid import LID, LIDConfig
 from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig
+from malex.detectors.nic import NIC, NICConfig
+from malex.detectors.scale_up import ScaleUp, ScaleUpConfig
+from malex.detectors.squeeze import FeatureSqueezing, SqueezeConfig
 from malex.detectors.mutation import ModelMutation, MutationConfig, MutationTest
 from malex.detectors.sprt import SPRT
 from malex.detectors.strip import Strip, StripConfig
@@ -35,6 +39,10 @@ DETECTORS: dict[str, Callable[..., Detector]] = {
     "mahalanobis": lambda model, **kw: Mahalanobis(model, MahalanobisConfig(**kw)),
     "lid": lambda model, **kw: LID(model, LIDConfig(**kw)),
     "kd_bu": lambda model, **kw: KDBU(model, KDBUConfig(**kw)),
+    "nic": lambda model, **kw: NIC(model, NICConfig(**kw)),
+    "squeeze": lambda model, **kw: FeatureSqueezing(model, SqueezeConfig(**kw)),
+    "scale_up": lambda model, **kw: ScaleUp(model, ScaleUpConfig(**kw)),
+    "ibd_psc": lambda model, **kw: IBDPSC(model, IBDPSCConfig(**kw)),
 }
 
 
@@ -49,6 +57,7 @@ def make_detector(name: str, model: nn.Module, **settings) -> Detector:
 
 
 __all__ = [
-    "DETECTORS", "KDBU", "LID", "SPRT", "Detector", "KDBUConfig", "LIDConfig", "Mahalanobis", "MahalanobisConfig", "ModelMutation", "MutationConfig", "MutationTest", "Strip", "StripConfig",
+    "DETECTORS", "IBDPSC", "IBDPSCConfig", "NIC", "NICConfig", "FeatureSqueezing", "SqueezeConfig", "ScaleUp",
+    "ScaleUpConfig", "KDBU", "LID", "SPRT", "Detector", "KDBUConfig", "LIDConfig", "Mahalanobis", "MahalanobisConfig", "ModelMutation", "MutationConfig", "MutationTest", "Strip", "StripConfig",
     "Threshold", "calibrate", "make_detector",
 ]
