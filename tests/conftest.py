@@ -28,3 +28,27 @@ def digits_model():
 
     torch.manual_seed(0)
     return build_model("digits_cnn", (1, 8, 8), 10)
+
+
+@pytest.fixture(scope="session")
+def poisoned_digits(digits):
+    """A digits CNN trained once per session with a BadNets 2x2 corner trigger (target 1, 10% poisoned),
+    with its correctly classified clean test inputs and its successful trigger inputs. Tests must not
+    change the model (detectors and attacks never do; tests check that)."""
+    from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split
+    from malex.attacks.backdoor import triggered_inputs
+    from malex.models import build_model
+    from malex.models.inference import predict
+    from malex.models.train import TrainConfig, train_classifier
+
+    torch.manual_seed(0)
+    target = 1
+    trigger = make_trigger("badnets", size=2, margin=0)
+    poisoned, _ = poison_split(digits.train, trigger, PoisonConfig(rate=0.1, target=target))
+    model = build_model("digits_cnn", digits.image_shape, digits.num_classes)
+    train_classifier(model, poisoned, TrainConfig(epochs=25, shift=1), progress=False)
+    assert attack_success_rate(model, digits.test, trigger, target) > 0.9
+    correct = digits.test.subset(predict(model, digits.test.x) == digits.test.y)
+    stamped = triggered_inputs(digits.test, trigger, target).x
+    return {"model": model, "data": digits, "trigger": trigger, "target": target, "correct": correct,
+            "backdoor": stamped[predict(model, stamped) == target]}

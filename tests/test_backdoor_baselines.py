@@ -19,15 +19,10 @@ import pytest
 import torch
 from torch import nn
 
-from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split, triggered_inputs
-from malex.data import load_digits
 from malex.detectors.ibd_psc import IBDPSC, IBDPSCConfig, amplifiable_layers
 from malex.detectors.scale_up import ScaleUp, ScaleUpConfig, scaled_consistency
 from malex.errors import ConfigError, NotFittedError
 from malex.evaluate.metrics import auroc
-from malex.models import build_model
-from malex.models.inference import predict
-from malex.models.train import TrainConfig, train_classifier
 from malex.probe import Probe
 
 torch.set_num_threads(1)
@@ -36,17 +31,9 @@ TARGET = 1
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    data = load_digits(0)
-    trigger = make_trigger("badnets", size=2, margin=0)
-    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(rate=0.1, target=TARGET))
-    model = build_model("digits_cnn", data.image_shape, data.num_classes)
-    train_classifier(model, poisoned, TrainConfig(epochs=25, shift=1), progress=False)
-    assert attack_success_rate(model, data.test, trigger, TARGET) > 0.9
-    correct = data.test.subset(predict(model, data.test.x) == data.test.y)
-    stamped = triggered_inputs(data.test, trigger, TARGET).x
-    backdoor = stamped[predict(model, stamped) == TARGET]
+def setup(poisoned_digits):
+    model, data = poisoned_digits["model"], poisoned_digits["data"]
+    correct, backdoor = poisoned_digits["correct"], poisoned_digits["backdoor"]
     probe = Probe(model, [])
     obs = {"fit": probe.run(data.val.x), "clean": probe.run(correct.x), "backdoor": probe.run(backdoor)}
     return {"model": model, "obs": obs, "fit_y": data.val.y}

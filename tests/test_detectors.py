@@ -10,32 +10,20 @@ import pytest
 import torch
 
 from malex.attacks.adversarial import make_adversarial
-from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split, triggered_inputs
-from malex.data import load_digits
 from malex.detectors import SPRT, ModelMutation, MutationConfig, Strip, StripConfig, make_detector
 from malex.detectors.strip import entropy
 from malex.errors import ConfigError, NotFittedError
 from malex.evaluate.metrics import auroc
-from malex.models import build_model
 from malex.models.inference import predict
-from malex.models.train import TrainConfig, train_classifier
 from malex.probe import Probe
 
 TARGET = 1
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    data = load_digits(0)
-    trigger = make_trigger("badnets", size=2, margin=0)
-    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(rate=0.1, target=TARGET))
-    model = build_model("digits_cnn", data.image_shape, data.num_classes)
-    train_classifier(model, poisoned, TrainConfig(epochs=25, shift=1), progress=False)
-    assert attack_success_rate(model, data.test, trigger, TARGET) > 0.9
-    correct = data.test.subset(predict(model, data.test.x) == data.test.y)
-    stamped = triggered_inputs(data.test, trigger, TARGET).x
-    backdoor = stamped[predict(model, stamped) == TARGET]
+def setup(poisoned_digits):
+    model, data = poisoned_digits["model"], poisoned_digits["data"]
+    correct, backdoor = poisoned_digits["correct"], poisoned_digits["backdoor"]
     adv = make_adversarial("pgd", eps=0.2, alpha=0.02, steps=20, early_stop=True).run(
         model, correct.x, correct.y, progress=False).successful()
     return {"model": model, "fit": data.val.x, "clean": correct.x, "backdoor": backdoor, "adversarial": adv}

@@ -14,8 +14,6 @@ import pytest
 import torch
 
 from malex.attacks.adversarial import make_adversarial
-from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split, triggered_inputs
-from malex.data import load_digits
 from malex.detectors.kd_bu import KDBU, KDBUConfig
 from malex.detectors.lid import LID, LIDConfig, knn_distances, lid_mle
 from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig
@@ -23,8 +21,6 @@ from malex.detectors.stats import BoundedSample, ClassMoments, RunningMoments
 from malex.errors import ConfigError, NotFittedError
 from malex.evaluate.metrics import auroc
 from malex.models import build_model
-from malex.models.inference import predict
-from malex.models.train import TrainConfig, train_classifier
 from malex.probe import Observation, Probe
 
 torch.set_num_threads(1)
@@ -42,17 +38,9 @@ BOUNDS = {"mahalanobis": (0.95, 0.83), "lid": (0.88, 0.85), "kd_bu": (0.93, 0.93
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    data = load_digits(0)
-    trigger = make_trigger("badnets", size=2, margin=0)
-    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(rate=0.1, target=TARGET))
-    model = build_model("digits_cnn", data.image_shape, data.num_classes)
-    train_classifier(model, poisoned, TrainConfig(epochs=25, shift=1), progress=False)
-    assert attack_success_rate(model, data.test, trigger, TARGET) > 0.9
-    correct = data.test.subset(predict(model, data.test.x) == data.test.y)
-    stamped = triggered_inputs(data.test, trigger, TARGET).x
-    backdoor = stamped[predict(model, stamped) == TARGET]
+def setup(poisoned_digits):
+    model, data = poisoned_digits["model"], poisoned_digits["data"]
+    correct, backdoor = poisoned_digits["correct"], poisoned_digits["backdoor"]
     adv = make_adversarial("pgd", eps=0.2, alpha=0.02, steps=20, early_stop=True).run(
         model, correct.x, correct.y, progress=False).successful()
     probe = Probe(model, LAYERS)

@@ -11,33 +11,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from malex.attacks.adversarial import make_adversarial
-from malex.attacks.backdoor import PoisonConfig, make_trigger, poison_split, triggered_inputs
-from malex.data import load_digits
 from malex.errors import ConfigError, InputError, ModelFileError, NotFittedError
 from malex.guard import Guard, GuardConfig
 from malex.guard.guard import calibrate_guard, combine_pvalues
 from malex.guard.pvalues import conformal_pvalues, in_sample_pvalues
 from malex.models import build_model
 from malex.models.inference import predict
-from malex.models.train import TrainConfig, train_classifier
 
 TARGET = 1
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    data = load_digits(0)
-    trigger = make_trigger("badnets", size=2, margin=0)
-    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(rate=0.1, target=TARGET))
-    model = build_model("digits_cnn", data.image_shape, data.num_classes)
-    train_classifier(model, poisoned, TrainConfig(epochs=25, shift=1), progress=False)
-    correct = data.test.subset(predict(model, data.test.x) == data.test.y)
-    stamped = triggered_inputs(data.test, trigger, TARGET).x
+def setup(poisoned_digits):
+    model, data = poisoned_digits["model"], poisoned_digits["data"]
+    correct = poisoned_digits["correct"]
     cw = make_adversarial("cw", steps=60).run(model, correct.x, correct.y, progress=False).successful()
     guard = Guard(model, GuardConfig(progress=False)).fit(data.val.x, data.val.y)
     return {"model": model, "data": data, "guard": guard, "clean": correct.x,
-            "backdoor": stamped[predict(model, stamped) == TARGET], "cw": cw}
+            "backdoor": poisoned_digits["backdoor"], "cw": cw}
 
 
 def test_conformal_pvalues_rank_scores_among_clean_ones():
