@@ -128,3 +128,10 @@ def test_unfitted_guard_and_bad_inputs_raise(setup):
         GuardConfig(detectors=("strip", "strip"))
     with pytest.raises(ConfigError):
         GuardConfig(detectors=("no-such",)) and Guard(setup["model"], GuardConfig(detectors=("no-such",)))
+
+
+def test_too_few_calibration_inputs_for_many_detectors_warns(setup):
+    data = setup["data"]
+    with pytest.warns(UserWarning, match="too few"):
+        Guard(setup["model"], GuardConfig(detectors=("mutation_adv", "mutation_bd", "strip"), fpr=0.01,
+                                          progress=False)).fit(data.val.x[:100], data.val.y[:100])

@@ -15,6 +15,7 @@ p-value); detectors of no kind (feature-space anomalies) flag but do not type.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -143,6 +144,15 @@ class Guard:
             det.fit(fit_obs, y[fit_idx] if y is not None else None)
             calibration[name] = det.score(cal_obs)
         self.calibration_scores_ = calibration
+        floor = len(self.detectors) / (len(cal_idx) + 1)
+        if floor > self.config.fpr:
+            warnings.warn(
+                f"{len(cal_idx)} clean calibration inputs are too few for {len(self.detectors)} detectors at "
+                f"{self.config.fpr:.1%} FPR: a clean input beyond every calibration score of one detector is "
+                f"flagged, so the false-positive rate can reach about {floor:.1%}; give at least "
+                f"{int(np.ceil(len(self.detectors) / self.config.fpr))} calibration inputs or fewer detectors",
+                stacklevel=2,
+            )
         self.threshold_ = calibrate_guard(calibration, self.config.fpr)
         return self
 
