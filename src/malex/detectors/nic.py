@@ -28,6 +28,7 @@ reduced activation vectors per invariant (and usually far fewer: about `nu` of t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -127,8 +128,8 @@ def fit_ocsvm(x: np.ndarray, nu: float, gamma_factor: float = 1.0) -> tuple[dict
     gamma = gamma_factor * scale_gamma(x)
     svm = OneClassSVM(kernel="rbf", nu=nu, gamma=gamma).fit(np.asarray(x, dtype=np.float64))
     arrays = {
-        "support": np.asarray(svm.support_vectors_, dtype=np.float64),
-        "coef": np.asarray(svm.dual_coef_[0], dtype=np.float64),
+        "support": np.ascontiguousarray(svm.support_vectors_, dtype=np.float64),
+        "coef": np.ascontiguousarray(svm.dual_coef_[0], dtype=np.float64),
         "intercept": np.asarray(float(svm.intercept_[0]), dtype=np.float64),
         "gamma": np.asarray(gamma, dtype=np.float64),
     }
@@ -143,7 +144,9 @@ def softmax_probs(z: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor) 
     return torch.softmax(z.double() @ coef.double().T + intercept.double(), dim=1)
 
 
-def fit_logreg(z: np.ndarray, labels: np.ndarray, num_classes: int, c: float, max_iter: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_logreg(
+    z: np.ndarray, labels: np.ndarray, num_classes: int, c: float, max_iter: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Fit a multinomial logistic regression of `labels` on `z`; return (coef, intercept) over all classes."""
     present = np.unique(labels)
     if present.size < 2:
@@ -155,7 +158,7 @@ def fit_logreg(z: np.ndarray, labels: np.ndarray, num_classes: int, c: float, ma
         coef[lr.classes_[1]], intercept[lr.classes_[0]], intercept[lr.classes_[1]] = lr.coef_[0], 0.0, lr.intercept_[0]
     else:
         coef[lr.classes_], intercept[lr.classes_] = lr.coef_, lr.intercept_
-    return coef, intercept
+    return np.ascontiguousarray(coef), intercept
 
 
 # --- the detector ---------------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ class NIC(Detector):
         a = obs.layer(layer)
         if self.config.pool and a.dim() == 4:
             a = a.mean(dim=(2, 3))
-        return a.reshape(a.shape[0], -1).double()
+        return a.flatten(1).double()
 
     def _reduce(self, obs: Observation, layer: str) -> torch.Tensor:
         flat = self._flat(obs, layer)
@@ -218,7 +221,8 @@ class NIC(Detector):
         else:
             matrix = np.eye(width)
         spread = float(np.sqrt((centred @ matrix).var(axis=0).mean()))
-        return mean, matrix / (spread if spread > 0 else 1.0)
+        # C order, as after a save and load: the same memory layout gives bit-identical scores
+        return np.ascontiguousarray(mean), np.ascontiguousarray(matrix / (spread if spread > 0 else 1.0))
 
     # invariants -----------------------------------------------------------------------------------------
 
@@ -228,15 +232,16 @@ class NIC(Detector):
             float(self.svm_intercept_[key]), float(self.svm_gamma_[key]), self.config.batch_size,
         )
 
+    def _probs(self, layer: str, z: torch.Tensor) -> torch.Tensor:
+        """The derived classifier of `layer`: class probabilities from its reduced activations."""
+        return softmax_probs(z, torch.as_tensor(self.lr_coef_[layer]), torch.as_tensor(self.lr_intercept_[layer]))
+
     def _inputs(self, obs: Observation) -> dict[str, torch.Tensor]:
         """The input of every invariant's SVM: reduced activations and concatenated derived probabilities."""
         reduced = {layer: self._reduce(obs, layer) for layer in self.layers_}
-        probs = {
-            layer: softmax_probs(z, torch.as_tensor(self.lr_coef_[layer]), torch.as_tensor(self.lr_intercept_[layer]))
-            for layer, z in reduced.items()
-        }
+        probs = {layer: self._probs(layer, z) for layer, z in reduced.items()}
         inputs = {f"value:{layer}": reduced[layer] for layer in self.layers_}
-        for a, b in zip(self.layers_, self.layers_[1:]):
+        for a, b in pairwise(self.layers_):
             inputs[f"provenance:{a}>{b}"] = torch.cat([probs[a], probs[b]], dim=1)
         return inputs
 
@@ -257,7 +262,7 @@ class NIC(Detector):
         self.svm_support_[key], self.svm_coef_[key] = arrays["support"], arrays["coef"]
         self.svm_intercept_[key], self.svm_gamma_[key] = arrays["intercept"], arrays["gamma"]
 
-    def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "NIC":
+    def fit(self, clean: Observation, y: torch.Tensor | None = None) -> NIC:
         """Fit the invariants on one seeded part of (at most `max_fit`) clean inputs, the final SVM on the rest.
 
         The derived classifiers learn the model's own predictions; labels `y` are not needed.
@@ -268,7 +273,7 @@ class NIC(Detector):
             raise ConfigError(f"NIC needs at least {MIN_FIT} clean inputs to fit; got {n}")
         gen = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(n, generator=gen)[: cfg.max_fit]
-        n_inv = min(max(int(round(order.numel() * cfg.fit_share)), MIN_FIT // 2), order.numel() - MIN_FIT // 2)
+        n_inv = min(max(round(order.numel() * cfg.fit_share), MIN_FIT // 2), order.numel() - MIN_FIT // 2)
         part_inv, part_final = clean.subset(order[:n_inv]), clean.subset(order[n_inv:])
         layers = self.layers()
         num_classes = int(clean.logits.shape[1])
@@ -291,9 +296,8 @@ class NIC(Detector):
         for layer in layers:
             invariants.append(f"value:{layer}")
             self._store_svm(invariants[-1], fit_ocsvm(reduced[layer], cfg.nu, cfg.gamma_factor)[0])
-        for a, b in zip(layers, layers[1:]):
-            pa = softmax_probs(torch.as_tensor(reduced[a]), torch.as_tensor(self.lr_coef_[a]), torch.as_tensor(self.lr_intercept_[a]))
-            pb = softmax_probs(torch.as_tensor(reduced[b]), torch.as_tensor(self.lr_coef_[b]), torch.as_tensor(self.lr_intercept_[b]))
+        for a, b in pairwise(layers):
+            pa, pb = self._probs(a, torch.as_tensor(reduced[a])), self._probs(b, torch.as_tensor(reduced[b]))
             invariants.append(f"provenance:{a}>{b}")
             self._store_svm(invariants[-1], fit_ocsvm(torch.cat([pa, pb], dim=1).numpy(), cfg.nu, cfg.gamma_factor)[0])
         self.invariants_ = invariants
@@ -302,7 +306,8 @@ class NIC(Detector):
         raw = self._raw_scores(part_final)
         std = raw.std(axis=0)
         self.score_mean_, self.score_std_ = raw.mean(axis=0), np.where(std > 0, std, 1.0)
-        self._store_svm("final", fit_ocsvm((raw - self.score_mean_) / self.score_std_, cfg.final_nu, cfg.final_gamma_factor)[0])
+        standardised = (raw - self.score_mean_) / self.score_std_
+        self._store_svm("final", fit_ocsvm(standardised, cfg.final_nu, cfg.final_gamma_factor)[0])
         self.n_fit_ = int(order.numel())  # set last: the detector counts as fitted only from here
         return self
 

@@ -65,7 +65,9 @@ class SqueezeConfig:
     def __post_init__(self) -> None:
         if self.squeezers is not None:
             if not isinstance(self.squeezers, (list, tuple)) or len(self.squeezers) == 0:
-                raise ConfigError(f"squeezers are {self.squeezers!r}; expected a non-empty sequence such as ('bits:1',)")
+                raise ConfigError(
+                    f"squeezers are {self.squeezers!r}; expected a non-empty sequence such as ('bits:1',)"
+                )
             for spec in self.squeezers:
                 parse_squeezer(spec)
             object.__setattr__(self, "squeezers", tuple(self.squeezers))
@@ -142,7 +144,7 @@ class FeatureSqueezing(Detector):
             return np.zeros((0, k))
         return torch.cat(out).double().numpy()
 
-    def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "FeatureSqueezing":
+    def fit(self, clean: Observation, y: torch.Tensor | None = None) -> FeatureSqueezing:
         """Fix the squeezers and record clean-score quantiles over at most `max_fit` clean inputs."""
         if len(clean) == 0:
             raise InputError("feature squeezing needs at least one clean input to fit")
