@@ -37,6 +37,7 @@ def poisoned_digits(digits):
     change the model (detectors and attacks never do; tests check that)."""
     from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split
     from malex.attacks.backdoor import triggered_inputs
+    from malex.attacks.adversarial import make_adversarial
     from malex.models import build_model
     from malex.models.inference import predict
     from malex.models.train import TrainConfig, train_classifier
@@ -50,5 +51,28 @@ def poisoned_digits(digits):
     assert attack_success_rate(model, digits.test, trigger, target) > 0.9
     correct = digits.test.subset(predict(model, digits.test.x) == digits.test.y)
     stamped = triggered_inputs(digits.test, trigger, target).x
+    pgd_stop = make_adversarial("pgd", eps=0.2, alpha=0.02, steps=20, early_stop=True).run(
+        model, correct.x, correct.y, progress=False).successful()
     return {"model": model, "data": digits, "trigger": trigger, "target": target, "correct": correct,
-            "backdoor": stamped[predict(model, stamped) == target]}
+            "backdoor": stamped[predict(model, stamped) == target], "pgd_stop": pgd_stop}
+
+
+@pytest.fixture(scope="session")
+def detection_sets(poisoned_digits):
+    """Inputs for detector tests: clean fit inputs, clean test inputs, trigger inputs, early-stopped PGD."""
+    p = poisoned_digits
+    return {"model": p["model"], "fit": p["data"].val.x, "clean": p["correct"].x, "backdoor": p["backdoor"],
+            "adversarial": p["pgd_stop"]}
+
+
+@pytest.fixture(scope="session")
+def fit_and_score():
+    """fit_and_score(detector, sets, kinds): fit on sets["fit"], return {kind: scores} (one probe each)."""
+    from malex.probe import Probe
+
+    def run(det, sets, kinds=("clean", "backdoor", "adversarial")):
+        probe = Probe(sets["model"], det.layers())
+        det.fit(probe.run(sets["fit"]))
+        return {k: det.score(probe.run(sets[k])) for k in kinds}
+
+    return run

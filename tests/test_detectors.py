@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from malex.attacks.adversarial import make_adversarial
 from malex.detectors import SPRT, ModelMutation, MutationConfig, Strip, StripConfig, make_detector
 from malex.detectors.strip import entropy
 from malex.errors import ConfigError, NotFittedError
@@ -21,18 +20,8 @@ TARGET = 1
 
 
 @pytest.fixture(scope="module")
-def setup(poisoned_digits):
-    model, data = poisoned_digits["model"], poisoned_digits["data"]
-    correct, backdoor = poisoned_digits["correct"], poisoned_digits["backdoor"]
-    adv = make_adversarial("pgd", eps=0.2, alpha=0.02, steps=20, early_stop=True).run(
-        model, correct.x, correct.y, progress=False).successful()
-    return {"model": model, "fit": data.val.x, "clean": correct.x, "backdoor": backdoor, "adversarial": adv}
-
-
-def _scores(det, setup, kinds=("clean", "backdoor", "adversarial")):
-    probe = Probe(setup["model"], det.layers())
-    det.fit(probe.run(setup["fit"]))
-    return {k: det.score(probe.run(setup[k])) for k in kinds}
+def setup(detection_sets):
+    return detection_sets
 
 
 # --- SPRT -------------------------------------------------------------------------------------------------
@@ -60,9 +49,9 @@ def test_sprt_around_keeps_rates_inside_unit_interval_and_orders_them_by_side():
 
 # --- model mutation -------------------------------------------------------------------------------------
 
-def test_mutation_never_changes_the_guarded_model(setup):
+def test_mutation_never_changes_the_guarded_model(setup, fit_and_score):
     before = copy.deepcopy(setup["model"].state_dict())
-    _scores(make_detector("mutation_adv", setup["model"]), setup, kinds=("clean",))
+    fit_and_score(make_detector("mutation_adv", setup["model"]), setup, kinds=("clean",))
     after = setup["model"].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -92,13 +81,13 @@ def test_head_only_mutants_give_the_labels_of_full_mutated_models(setup):
         assert torch.equal(flips[i], predict(mutant, x) != obs.pred)
 
 
-def test_low_lcr_side_separates_backdoor_inputs(setup):
-    s = _scores(make_detector("mutation_bd", setup["model"]), setup, kinds=("clean", "backdoor"))
+def test_low_lcr_side_separates_backdoor_inputs(setup, fit_and_score):
+    s = fit_and_score(make_detector("mutation_bd", setup["model"]), setup, kinds=("clean", "backdoor"))
     assert auroc(s["clean"], s["backdoor"]) >= 0.9
 
 
-def test_high_lcr_side_separates_boundary_adversarial_examples(setup):
-    s = _scores(make_detector("mutation_adv", setup["model"]), setup, kinds=("clean", "adversarial"))
+def test_high_lcr_side_separates_boundary_adversarial_examples(setup, fit_and_score):
+    s = fit_and_score(make_detector("mutation_adv", setup["model"]), setup, kinds=("clean", "adversarial"))
     assert auroc(s["clean"], s["adversarial"]) >= 0.9
 
 
@@ -151,8 +140,8 @@ def test_entropy_of_uniform_and_certain_predictions():
     assert entropy(torch.tensor([[100.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_strip_flags_trigger_inputs_as_low_entropy(setup):
-    s = _scores(Strip(setup["model"], StripConfig(n_overlays=32)), setup, kinds=("clean", "backdoor"))
+def test_strip_flags_trigger_inputs_as_low_entropy(setup, fit_and_score):
+    s = fit_and_score(Strip(setup["model"], StripConfig(n_overlays=32)), setup, kinds=("clean", "backdoor"))
     assert auroc(s["clean"], s["backdoor"]) >= 0.75
 
 
@@ -166,7 +155,7 @@ def test_strip_scores_are_deterministic_and_fit_needs_enough_inputs(setup):
 
 
 @pytest.mark.parametrize("name", ["mutation_adv", "mutation_bd", "strip"])
-def test_export_and_restore_give_identical_scores(setup, name):
+def test_export_and_restore_give_identicalfit_and_score(setup, name, fit_and_score):
     det = make_detector(name, setup["model"])
     probe = Probe(setup["model"], det.layers())
     det.fit(probe.run(setup["fit"]))

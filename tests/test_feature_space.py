@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from malex.attacks.adversarial import make_adversarial
 from malex.detectors.kd_bu import KDBU, KDBUConfig
 from malex.detectors.lid import LID, LIDConfig, knn_distances, lid_mle
 from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig
@@ -41,8 +40,7 @@ BOUNDS = {"mahalanobis": (0.95, 0.83), "lid": (0.88, 0.85), "kd_bu": (0.93, 0.93
 def setup(poisoned_digits):
     model, data = poisoned_digits["model"], poisoned_digits["data"]
     correct, backdoor = poisoned_digits["correct"], poisoned_digits["backdoor"]
-    adv = make_adversarial("pgd", eps=0.2, alpha=0.02, steps=20, early_stop=True).run(
-        model, correct.x, correct.y, progress=False).successful()
+    adv = poisoned_digits["pgd_stop"]
     probe = Probe(model, LAYERS)
     return {
         "model": model,

@@ -17,7 +17,6 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import OneClassSVM
 
-from malex.attacks.adversarial import make_adversarial
 from malex.detectors.nic import (
     NIC,
     NICConfig,
@@ -44,19 +43,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def setup(poisoned_digits):
-    """The session's BadNets-poisoned digits model (conftest), its trigger inputs and early-stopped PGD."""
-    model, data = poisoned_digits["model"], poisoned_digits["data"]
-    correct, backdoor = poisoned_digits["correct"], poisoned_digits["backdoor"]
-    adv = make_adversarial("pgd", eps=0.2, alpha=0.02, steps=20, early_stop=True).run(
-        model, correct.x, correct.y, progress=False).successful()
-    return {"model": model, "fit": data.val.x, "clean": correct.x, "backdoor": backdoor, "adversarial": adv}
-
-
-def _scores(det, setup, kinds=("clean", "backdoor", "adversarial")):
-    probe = Probe(setup["model"], det.layers())
-    det.fit(probe.run(setup["fit"]))
-    return {k: det.score(probe.run(setup[k])) for k in kinds}
+def setup(detection_sets):
+    return detection_sets
 
 
 # --- NIC: array-based decision functions ----------------------------------------------------------------
@@ -98,18 +86,18 @@ def test_nic_reads_the_hidden_layers_not_the_logits(setup):
     assert NIC(setup["model"], NICConfig(layers=["features.1"])).layers() == ["features.1"]
 
 
-def test_nic_separates_backdoor_and_adversarial_inputs(setup):
+def test_nic_separates_backdoor_and_adversarial_inputs(setup, fit_and_score):
     det = NIC(setup["model"])
-    s = _scores(det, setup)
+    s = fit_and_score(det, setup)
     assert det.invariants_ == ["value:features.4", "value:head.2", "provenance:features.4>head.2"]
     assert auroc(s["clean"], s["backdoor"]) >= 0.93
     assert auroc(s["clean"], s["adversarial"]) >= 0.75
 
 
-def test_nic_caps_the_clean_inputs_it_keeps_and_never_changes_the_model(setup):
+def test_nic_caps_the_clean_inputs_it_keeps_and_never_changes_the_model(setup, fit_and_score):
     before = copy.deepcopy(setup["model"].state_dict())
     det = NIC(setup["model"], NICConfig(max_fit=100, seed=3))
-    _scores(det, setup, kinds=("clean",))
+    fit_and_score(det, setup, kinds=("clean",))
     assert det.n_fit_ == 100
     assert all(v.shape[0] <= 50 for v in det.svm_support_.values())  # each SVM sees one half of the cap
     fitted = (det.svm_support_, det.proj_matrix_, det.lr_coef_)
@@ -179,10 +167,10 @@ def test_squeezing_scores_are_the_max_l1_softmax_change(setup):
     np.testing.assert_allclose(det.score(test), expected.double().numpy(), atol=1e-5)
 
 
-def test_one_bit_squeezing_separates_adversarial_inputs_but_not_backdoor_ones(setup):
-    s = _scores(FeatureSqueezing(setup["model"], SqueezeConfig(squeezers=("bits:1",))), setup)
+def test_one_bit_squeezing_separates_adversarial_inputs_but_not_backdoor_ones(setup, fit_and_score):
+    s = fit_and_score(FeatureSqueezing(setup["model"], SqueezeConfig(squeezers=("bits:1",))), setup)
     assert auroc(s["clean"], s["adversarial"]) >= 0.85
-    d = _scores(FeatureSqueezing(setup["model"]), setup, kinds=("clean", "backdoor"))
+    d = fit_and_score(FeatureSqueezing(setup["model"]), setup, kinds=("clean", "backdoor"))
     assert auroc(d["clean"], d["backdoor"]) <= 0.35  # a trigger survives squeezing: backdoor inputs look stable
 
 
@@ -203,7 +191,7 @@ def test_unfitted_detectors_raise(setup, name):
 
 
 @pytest.mark.parametrize("name", ["nic", "squeeze"])
-def test_export_and_restore_give_identical_scores(setup, name):
+def test_export_and_restore_give_identicalfit_and_score(setup, name, fit_and_score):
     make = _detectors(setup["model"])[name]
     det = make()
     probe = Probe(setup["model"], det.layers())
