@@ -35,10 +35,10 @@ combination, a logistic regression trained on attack examples, is `fit_supervise
 
 Relation to pytorch-ood's `Mahalanobis` detector: it also pools conv maps by their spatial mean and returns
 an outlier score that is larger for outliers, namely -max_c(-1/2 (f - mu_c)^T P (f - mu_c)) =
-1/2 min_c (f - mu_c)^T P (f - mu_c), with P = pinv(S + eps I) where S is the pooled within-class scatter
-NOT divided by N (pytorch-ood's own docstring writes the formula with a leading minus sign, but the returned
-value is the positive, halved distance). With eps = 0 its score equals this module's layer score / (2 N),
-a positive rescaling, so the two rank inputs identically (same sign convention: higher = more outlying).
+1/2 min_c (f - mu_c)^T P (f - mu_c), with P = inv(S + 1e-6 I) where S is the pooled within-class scatter
+NOT divided by N. Its score equals this module's layer score / (2 N) up to that ridge (measured: largest
+relative difference 3e-5 in float32, Spearman 1; benchmarks/results/peer_mahalanobis.md), so the two
+rank inputs identically (same sign convention: higher = more outlying).
 """
 
 from __future__ import annotations
