@@ -45,17 +45,16 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
-from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split, triggered_inputs
-from malex.data import Dataset, load_digits
+from malex.attacks.backdoor import attack_success_rate, make_trigger, triggered_inputs
+from malex.data import load_digits
 from malex.detectors.mahalanobis import Mahalanobis
 from malex.detectors.stats import penultimate_layer
 from malex.evaluate.metrics import auroc
-from malex.models import Classifier, build_model, load_model, save_model
+from malex.models import Classifier
 from malex.models.inference import accuracy, predict
-from malex.models.train import TrainConfig, train_classifier
 from malex.probe import Probe
+from peer_model import ARCH, add_model_args, poisoned_model
 
-ARCH = "digits_cnn"
 LAYER = "head.2"
 DERIVATION = """\
 With S = sum_c sum_{i in c} (f_i - mu_c)(f_i - mu_c)^T the pooled within-class scatter of the N fit inputs
@@ -77,33 +76,11 @@ the ridge's relative effect, 1e-6 / (smallest positive eigenvalue of S).
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seed", type=int, default=0, help="data split, poisoning and training seed")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs when the model is not cached")
-    p.add_argument("--rate", type=float, default=0.1, help="poisoning rate")
-    p.add_argument("--target", type=int, default=1, help="backdoor target class")
-    p.add_argument("--trigger-size", type=int, default=2, help="BadNets square side (margin 0)")
+    add_model_args(p)
     p.add_argument("--repeats", type=int, default=5, help="timing repeats (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--cache", type=Path, default=Path("cache"), help="folder for the trained model")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/peer_mahalanobis.md"))
     return p.parse_args(argv)
-
-
-def poisoned_model(data: Dataset, args: argparse.Namespace) -> tuple[Classifier, str]:
-    """The BadNets-poisoned digits_cnn from the cache, or trained and cached."""
-    path = args.cache / (f"peer_{ARCH}_badnets{args.trigger_size}_t{args.target}_r{args.rate}"
-                         f"_seed{args.seed}_e{args.epochs}.safetensors")
-    if path.is_file():
-        model, _ = load_model(path)
-        return model, f"loaded from {path}"
-    trigger = make_trigger("badnets", size=args.trigger_size, margin=0)
-    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(args.rate, args.target, args.seed))
-    torch.manual_seed(args.seed)
-    model = build_model(ARCH, data.image_shape, data.num_classes)
-    train_classifier(model, poisoned, TrainConfig(epochs=args.epochs, seed=args.seed), progress=False)
-    save_model(model, path, ARCH, info={"dataset": "digits", "seed": args.seed, "epochs": args.epochs,
-                                        "trigger": trigger.describe(), "rate": args.rate, "target": args.target})
-    return model.eval(), f"trained ({args.epochs} epochs, torch {torch.__version__}) and saved to {path}"
 
 
 def timed(fn, repeats: int):

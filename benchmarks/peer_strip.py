@@ -52,16 +52,15 @@ from rich.table import Table
 from scipy.stats import spearmanr
 from torch import nn
 
-from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split, triggered_inputs
-from malex.data import Dataset, load_digits
+from malex.attacks.backdoor import attack_success_rate, make_trigger, triggered_inputs
+from malex.data import load_digits
 from malex.detectors.strip import Strip, StripConfig
 from malex.evaluate.metrics import auroc
-from malex.models import Classifier, build_model, load_model, save_model
+from malex.models import Classifier
 from malex.models.inference import accuracy, predict
-from malex.models.train import TrainConfig, train_classifier
 from malex.probe import Probe
+from peer_model import ARCH, add_model_args, poisoned_model
 
-ARCH = "digits_cnn"
 EXPLANATION = """\
 With P the (n, C) softmax outputs of the n blends of one input, the STRIP paper (Gao et al., Eq. 3-4)
 and malex use the mean over blends of each blend's entropy over classes,
@@ -80,35 +79,13 @@ score but inherits the weaker separation.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seed", type=int, default=0, help="data split, poisoning, training and overlay seed")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs when the model is not cached")
-    p.add_argument("--rate", type=float, default=0.1, help="poisoning rate")
-    p.add_argument("--target", type=int, default=1, help="backdoor target class")
-    p.add_argument("--trigger-size", type=int, default=2, help="BadNets square side (margin 0)")
+    add_model_args(p)
     p.add_argument("--n-overlays", type=int, default=32, help="overlays per input in the aligned comparison")
     p.add_argument("--art-samples", type=int, default=20, help="ART num_samples when run as shipped (its default)")
     p.add_argument("--far", type=float, default=0.01, help="ART false_acceptance_rate when run as shipped")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--cache", type=Path, default=Path("cache"), help="folder for the trained model")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/peer_strip.md"))
     return p.parse_args(argv)
-
-
-def poisoned_model(data: Dataset, args: argparse.Namespace) -> tuple[Classifier, str]:
-    """The BadNets-poisoned digits_cnn from the cache (shared with peer_mahalanobis.py), or trained and cached."""
-    path = args.cache / (f"peer_{ARCH}_badnets{args.trigger_size}_t{args.target}_r{args.rate}"
-                         f"_seed{args.seed}_e{args.epochs}.safetensors")
-    if path.is_file():
-        model, _ = load_model(path)
-        return model, f"loaded from {path}"
-    trigger = make_trigger("badnets", size=args.trigger_size, margin=0)
-    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(args.rate, args.target, args.seed))
-    torch.manual_seed(args.seed)
-    model = build_model(ARCH, data.image_shape, data.num_classes)
-    train_classifier(model, poisoned, TrainConfig(epochs=args.epochs, seed=args.seed), progress=False)
-    save_model(model, path, ARCH, info={"dataset": "digits", "seed": args.seed, "epochs": args.epochs,
-                                        "trigger": trigger.describe(), "rate": args.rate, "target": args.target})
-    return model.eval(), f"trained ({args.epochs} epochs, torch {torch.__version__}) and saved to {path}"
 
 
 class _FixedChoice:

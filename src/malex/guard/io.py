@@ -20,7 +20,7 @@ from torch import nn
 
 from malex.detectors.calibration import Threshold
 from malex.errors import ConfigError, ModelFileError
-from malex.guard.fingerprint import model_fingerprint
+from malex.guard.fingerprint import hash_tensors, model_fingerprint
 
 if TYPE_CHECKING:
     from malex.guard.guard import Guard
@@ -30,12 +30,7 @@ FORMAT_VERSION = 1
 
 
 def _digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return hash_tensors(hashlib.sha256(json.dumps(header, sort_keys=True).encode()), tensors).hexdigest()
 
 
 def save_guard(guard: "Guard", path: str | Path, overwrite: bool = False) -> Path:
