@@ -22,8 +22,9 @@ from malex.attacks.adversarial import make_adversarial
 from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split, triggered_inputs
 from malex.data import load_digits
 from malex.detectors import DETECTORS
-from malex.evaluate.guarded import evaluate_guard
+from malex.evaluate.guarded import GUARD_ROW, evaluate_guard
 from malex.guard import ADVERSARIAL, BACKDOOR, BENIGN, Guard, GuardConfig
+from malex.guard.guard import detectors_from
 from malex.models import build_model
 from malex.models.inference import accuracy, predict
 from malex.models.train import TrainConfig, train_classifier
@@ -32,8 +33,9 @@ TRIGGERS = {"BadNets": ("badnets", {"size": 2, "margin": 0}), "Blend": ("blend",
 TARGET = 1
 
 
-def run_one(trigger_name: str, seed: int, detectors: tuple[str, ...]) -> dict:
-    """One poisoned model, its attacks, one guard; returns metrics rows and summary numbers."""
+def run_one(trigger_name: str, seed: int, detectors: tuple[str, ...], guard_detectors: tuple[str, ...]) -> dict:
+    """One poisoned model and its attacks; every detector's rows (from a guard holding them all) and the
+    rows, clean FPR and verdict accuracy of the guard holding `guard_detectors`."""
     torch.manual_seed(seed)
     data = load_digits(seed)
     kind, settings = TRIGGERS[trigger_name]
@@ -51,8 +53,10 @@ def run_one(trigger_name: str, seed: int, detectors: tuple[str, ...]) -> dict:
             model, correct.x, correct.y, progress=False).successful(),
         "CW": make_adversarial("cw", steps=100).run(model, correct.x, correct.y, progress=False).successful(),
     }
-    guard = Guard(model, GuardConfig(detectors=detectors, seed=seed, progress=False)).fit(data.val.x, data.val.y)
-    rows = evaluate_guard(guard, correct.x, malicious)
+    every = Guard(model, GuardConfig(detectors=detectors, seed=seed, progress=False)).fit(data.val.x, data.val.y)
+    guard = Guard(model, GuardConfig(detectors=guard_detectors, seed=seed, progress=False)).fit(data.val.x, data.val.y)
+    rows = [r for r in evaluate_guard(every, correct.x, malicious) if r[0] != GUARD_ROW]
+    rows += [r for r in evaluate_guard(guard, correct.x, malicious) if r[0] == GUARD_ROW]
     mixed_truth = [BENIGN] * len(correct.x) + [BACKDOOR] * len(malicious[trigger_name])
     mixed_x = [correct.x, malicious[trigger_name]]
     for name in ("PGD-stop", "CW"):
@@ -75,19 +79,21 @@ def mean_std(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--detectors", default=",".join(DETECTORS))
+    parser.add_argument("--detectors", default=",".join(DETECTORS), help="detectors with a row each")
+    parser.add_argument("--guard", default=",".join(GuardConfig.detectors), help="the guard's detectors")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits_suite.md"))
     args = parser.parse_args()
-    detectors = tuple(d for d in args.detectors.split(",") if d)
+    detectors, guard_detectors = detectors_from(args.detectors), detectors_from(args.guard)
     start = time.perf_counter()
     lines = ["# All detectors and the guard on the digits", "",
              f"Command: `python benchmarks/digits_suite.py --seeds {' '.join(map(str, args.seeds))}`", "",
              f"Seeds {args.seeds}; mean ± std over seeds. Clean = correctly classified test inputs; malicious = "
-             "successful attacks only; the guard (all detectors, 5% target FPR) is fitted and calibrated on the "
-             "clean validation split. Detector rows: threshold-free AUROC and TPR at 5% FPR on these clean inputs. "
-             "Guard rows: TPR at the guard's calibrated threshold ('caught').", ""]
+             "successful attacks only; detectors and the guard are fitted and calibrated on the clean validation "
+             "split. Detector rows: threshold-free AUROC and TPR at 5% FPR on these clean inputs. Guard row "
+             f"(detectors {', '.join(guard_detectors)}; 5% target FPR): AUROC of the guard score and TPR at the "
+             "guard's calibrated threshold ('caught').", ""]
     for trigger in TRIGGERS:
-        runs = [run_one(trigger, seed, detectors) for seed in args.seeds]
+        runs = [run_one(trigger, seed, detectors, guard_detectors) for seed in args.seeds]
         lines += [f"## {trigger} model", "",
                   f"clean accuracy {mean_std([r['clean_accuracy'] for r in runs])}, ASR {mean_std([r['asr'] for r in runs])}, "
                   f"guard FPR on all clean test inputs {mean_std([r['guard_fpr'] for r in runs])}, "

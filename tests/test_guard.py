@@ -14,7 +14,7 @@ from malex.attacks.adversarial import make_adversarial
 from malex.errors import ConfigError, InputError, ModelFileError, NotFittedError
 from malex.guard import Guard, GuardConfig
 from malex.guard.guard import calibrate_guard, combine_pvalues
-from malex.guard.pvalues import conformal_pvalues, in_sample_pvalues
+from malex.guard.pvalues import conformal_pvalues, in_sample_pvalues, in_sample_tail_pvalues, tail_pvalues
 from malex.models import build_model
 from malex.models.inference import predict
 
@@ -37,6 +37,21 @@ def test_conformal_pvalues_rank_scores_among_clean_ones():
     np.testing.assert_allclose(in_sample_pvalues(cal), [1.0, 0.75, 0.5, 0.25])
 
 
+def test_tail_pvalues_keep_falling_beyond_the_clean_scores():
+    cal = np.random.default_rng(0).normal(size=200)
+    s = np.array([-3.0, 0.0, cal.max() + 0.5, cal.max() + 2.0, cal.max() + 5.0])
+    p, plain = tail_pvalues(cal, s), conformal_pvalues(cal, s)
+    np.testing.assert_allclose(p[:2], plain[:2])  # below the tail: the conformal p-value
+    assert p[2] <= plain[2] and p[2] > p[3] > p[4] > 0  # beyond every clean score: still ordered
+    assert p[4] < 1e-3 < 1 / 201  # far beyond: smaller than any conformal p-value can be
+
+
+def test_in_sample_tail_pvalues_leave_each_score_out():
+    cal = np.random.default_rng(1).exponential(size=60)
+    loo = [tail_pvalues(np.delete(cal, i), cal[i : i + 1])[0] for i in range(cal.size)]
+    np.testing.assert_allclose(in_sample_tail_pvalues(cal), loo)
+
+
 def test_guard_false_positive_rate_on_unseen_clean_inputs_is_near_target(setup):
     """Over random splits of clean scores into calibration and unseen parts, the guard's FPR averages
     close to the 5% target; one split of ~150 calibration inputs varies by about +-2.5 points."""
@@ -44,14 +59,14 @@ def test_guard_false_positive_rate_on_unseen_clean_inputs_is_near_target(setup):
     unseen = guard.screen(setup["data"].test.x)  # all clean test inputs, as a deployed guard sees them
     assert unseen.flagged.mean() <= 0.15
     pool = {k: np.r_[guard.calibration_scores_[k], unseen.scores[k]] for k in unseen.scores}
-    n_cal, n_all = len(guard.calibration_scores_["strip"]), len(pool["strip"])
+    n_cal, n_all = len(guard.calibration_scores_["mahalanobis"]), len(pool["mahalanobis"])
     rng = np.random.default_rng(0)
     fprs = []
     for _ in range(200):
         perm = rng.permutation(n_all)
         cal, new = perm[:n_cal], perm[n_cal:]
         threshold = calibrate_guard({k: v[cal] for k, v in pool.items()}, 0.05)
-        score = combine_pvalues({k: conformal_pvalues(v[cal], v[new]) for k, v in pool.items()})
+        score = combine_pvalues({k: tail_pvalues(v[cal], v[new]) for k, v in pool.items()})
         fprs.append(threshold.flags(score).mean())
     assert 0.03 <= np.mean(fprs) <= 0.05 + 1.5 / n_cal  # target plus the conformal discreteness term
 
@@ -60,16 +75,17 @@ def test_guard_catches_and_types_backdoor_and_adversarial_inputs(setup):
     bd = Counter(setup["guard"].screen(setup["backdoor"]).verdict)
     cw = Counter(setup["guard"].screen(setup["cw"]).verdict)
     n_bd, n_cw = sum(bd.values()), sum(cw.values())
-    assert bd["backdoor"] / n_bd >= 0.7 and bd["adversarial"] / n_bd <= 0.05
-    assert cw["adversarial"] / n_cw >= 0.2 and cw["backdoor"] / n_cw <= 0.1
+    # measured on this fixture: 98% of BadNets inputs called backdoor, 73% of CW examples adversarial
+    assert bd["backdoor"] / n_bd >= 0.9 and bd["adversarial"] / n_bd <= 0.05
+    assert cw["adversarial"] / n_cw >= 0.6 and cw["backdoor"] / n_cw <= 0.05
 
 
 def test_screen_reports_prediction_and_every_detector_score(setup):
     res = setup["guard"].screen(setup["clean"][:7])
-    assert len(res) == 7 and set(res.scores) == {"mutation_adv", "mutation_bd", "strip"}
+    assert len(res) == 7 and set(res.scores) == {"mutation_adv", "mutation_bd", "kd_bu", "mahalanobis"}
     np.testing.assert_array_equal(res.prediction, predict(setup["model"], setup["clean"][:7]).numpy())
     row = res.rows()[0]
-    assert {"prediction", "verdict", "guard_score", "strip"} <= set(row)
+    assert {"prediction", "verdict", "guard_score", "kd_bu"} <= set(row)
 
 
 def test_saved_guard_scores_the_same_after_loading(setup, tmp_path):
@@ -103,7 +119,7 @@ def test_tampered_and_truncated_guard_files_are_refused(setup, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["cal/strip"] = tensors["cal/strip"] + 1.0  # shift the calibration scores
+    tensors["cal/kd_bu"] = tensors["cal/kd_bu"] + 1.0  # shift the calibration scores
     save_file(tensors, str(tmp_path / "tampered.safetensors"), metadata=meta)
     with pytest.raises(ModelFileError, match="digest"):
         Guard.load(tmp_path / "tampered.safetensors", setup["model"])
@@ -130,8 +146,8 @@ def test_unfitted_guard_and_bad_inputs_raise(setup):
         GuardConfig(detectors=("no-such",)) and Guard(setup["model"], GuardConfig(detectors=("no-such",)))
 
 
-def test_too_few_calibration_inputs_for_many_detectors_warns(setup):
+def test_too_few_calibration_inputs_for_the_target_fpr_warns(setup):
     data = setup["data"]
-    with pytest.warns(UserWarning, match="too few"):
+    with pytest.warns(UserWarning, match="uncertain"):
         Guard(setup["model"], GuardConfig(detectors=("mutation_adv", "mutation_bd", "strip"), fpr=0.01,
                                           progress=False)).fit(data.val.x[:100], data.val.y[:100])

@@ -2,9 +2,12 @@
 
 `Guard(model, GuardConfig(...)).fit(clean_x, clean_y)` splits the clean inputs into a fit part and a
 held-out calibration part, runs ONE probe pass per part, fits every detector on the first and records
-its scores on the second. A new input's score under each detector becomes a conformal p-value against
-those clean scores; the guard's own score is -log10 of the smallest p-value, thresholded so that at
-most `fpr` of the clean calibration inputs are flagged.
+its scores on the second. A new input's score under each detector becomes a p-value against those
+clean scores (conformal, with an exponential tail beyond the top clean scores: `malex.guard.pvalues`);
+the guard's own score is Fisher's combination -2 sum(ln p), thresholded so that at most `fpr` of the
+clean calibration inputs, each scored against the others, are flagged. Fisher's sum lets several
+detectors' moderate evidence add up, where the smallest p-value alone (measured in
+benchmarks/digits_suite.py) lost most single detectors' power.
 
 The verdict type follows the study's observation, never knowledge of the attack: backdoor inputs are
 robust (low label-change rate under strong mutation, confident blends) and adversarial inputs are
@@ -28,11 +31,13 @@ from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
 from malex.detectors.calibration import Threshold, calibrate
 from malex.errors import ConfigError, NotFittedError
-from malex.guard.pvalues import conformal_pvalues, in_sample_pvalues
+from malex.guard.pvalues import in_sample_tail_pvalues, tail_pvalues
 from malex.probe import Observation, Probe
 from malex.progress import track
 
 BENIGN, ADVERSARIAL, BACKDOOR = "benign", "adversarial", "backdoor"
+#: fewest clean calibration inputs beyond the threshold for which the guard does not warn
+MIN_BEYOND = 5
 
 #: which kind of malicious input each detector's evidence points to (absent: none in particular)
 EVIDENCE: dict[str, str] = {
@@ -50,7 +55,7 @@ EVIDENCE: dict[str, str] = {
 class GuardConfig:
     """Which detectors (registry names, with optional settings), the target FPR and the clean split."""
 
-    detectors: tuple[str, ...] = ("mutation_adv", "mutation_bd", "strip")
+    detectors: tuple[str, ...] = ("mutation_adv", "mutation_bd", "kd_bu", "mahalanobis")
     settings: dict[str, dict] = field(default_factory=dict)
     fpr: float = 0.05
     calibration_fraction: float = 0.4
@@ -97,14 +102,19 @@ class Screening:
 
 
 def combine_pvalues(pvalues: dict[str, np.ndarray]) -> np.ndarray:
-    """The guard score: -log10 of the smallest per-detector p-value."""
-    return -np.log10(np.min(np.stack(list(pvalues.values())), axis=0))
+    """The guard score: Fisher's -2 sum(ln p) over the detectors (higher = more suspicious)."""
+    return -2.0 * np.sum(np.log(np.stack(list(pvalues.values()))), axis=0)
+
+
+def in_sample_guard_scores(calibration: dict[str, np.ndarray]) -> np.ndarray:
+    """The guard score of each clean calibration input, scored against the other calibration inputs
+    (so that it matches what a new clean input gets)."""
+    return combine_pvalues({k: in_sample_tail_pvalues(v) for k, v in calibration.items()})
 
 
 def calibrate_guard(calibration: dict[str, np.ndarray], fpr: float) -> Threshold:
-    """The guard-score threshold that flags at most `fpr` of the clean calibration inputs, each scored
-    against the other calibration inputs (so that it matches what a new clean input gets)."""
-    return calibrate(combine_pvalues({k: in_sample_pvalues(v) for k, v in calibration.items()}), fpr)
+    """The guard-score threshold that flags at most `fpr` of the clean calibration inputs."""
+    return calibrate(in_sample_guard_scores(calibration), fpr)
 
 
 class Guard:
@@ -144,13 +154,12 @@ class Guard:
             det.fit(fit_obs, y[fit_idx] if y is not None else None)
             calibration[name] = det.score(cal_obs)
         self.calibration_scores_ = calibration
-        floor = len(self.detectors) / (len(cal_idx) + 1)
-        if floor > self.config.fpr:
+        beyond = len(cal_idx) * self.config.fpr
+        if beyond < MIN_BEYOND:
             warnings.warn(
-                f"{len(cal_idx)} clean calibration inputs are too few for {len(self.detectors)} detectors at "
-                f"{self.config.fpr:.1%} FPR: a clean input beyond every calibration score of one detector is "
-                f"flagged, so the false-positive rate can reach about {floor:.1%}; give at least "
-                f"{int(np.ceil(len(self.detectors) / self.config.fpr))} calibration inputs or fewer detectors",
+                f"{len(cal_idx)} clean calibration inputs put only {beyond:.1f} of them beyond the threshold at "
+                f"{self.config.fpr:.1%} FPR, so the false-positive rate a new clean input meets is uncertain; "
+                f"give at least {int(np.ceil(MIN_BEYOND / (self.config.fpr * frac)))} clean inputs",
                 stacklevel=2,
             )
         self.threshold_ = calibrate_guard(calibration, self.config.fpr)
@@ -161,7 +170,7 @@ class Guard:
             raise NotFittedError("the guard is not fitted; call fit() on clean inputs or Guard.load() a saved one")
 
     def _pvalues(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: conformal_pvalues(self.calibration_scores_[k], v) for k, v in scores.items()}
+        return {k: tail_pvalues(self.calibration_scores_[k], v) for k, v in scores.items()}
 
     def _kind(self, pvalues: dict[str, np.ndarray]) -> np.ndarray:
         """ADVERSARIAL or BACKDOOR per input, from the detectors whose evidence has a kind."""
@@ -209,6 +218,7 @@ class Guard:
             "detectors": list(self.detectors),
             "fpr": self.config.fpr,
             "threshold": self.threshold_.value,
+            "calibration_fpr": float(self.threshold_.flags(in_sample_guard_scores(self.calibration_scores_)).mean()),
             "n_calibration": int(len(next(iter(self.calibration_scores_.values())))),
             "states": {k: d.state() for k, d in self.detectors.items()},
         }
