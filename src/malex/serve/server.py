@@ -1,0 +1,82 @@
+"""Running the app with uvicorn: in the foreground (the CLI) or in a background thread (tests, notebooks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Callable
+
+import uvicorn
+
+from malex.errors import ConfigError
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a ConfigError saying why it cannot be."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc}); expected a local address") from exc
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port") from exc
+    return sock
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               announce: Callable[[str], None] | None = None) -> None:
+    """Serve `app` on host:port until interrupted; a port that cannot be bound is a ConfigError.
+    `announce(url)` is called once the port is bound."""
+    sock = _bind(host, port)
+    if announce is not None:
+        announce(f"http://{host}:{sock.getsockname()[1]}")
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10))
+    server.run(sockets=[sock])
+
+
+class BackgroundServer:
+    """`with BackgroundServer(app) as server:` serves `app` on a free loopback port at `server.url`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 start_timeout: float = 30.0) -> None:
+        self.app, self.host, self.port, self.start_timeout = app, host, port, start_timeout
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                                     timeout_graceful_shutdown=5))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> BackgroundServer:
+        """Bind the port, start serving in a daemon thread, and wait until the app has started."""
+        sock = _bind(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
+                                        name=f"malex-serve-{self.port}")
+        self._thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise ConfigError(f"the service did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Ask the server to finish its requests and exit; wait for the thread."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+            self._thread = None
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
