@@ -155,7 +155,7 @@ def test_watermark_invalid_settings():
 
 
 def test_make_trigger_by_name():
-    assert set(TRIGGERS) == {"badnets", "blend", "watermark"}
+    assert {"badnets", "blend", "watermark"} <= set(TRIGGERS)
     trig = make_trigger("badnets", size=2, margin=0)
     assert isinstance(trig, BadNets) and trig.config.size == 2 and trig.config.margin == 0
     assert trig.describe() == {"name": "badnets", "size": 2, "corner": "bottom-right", "margin": 0, "colour": 1.0}

@@ -1,13 +1,15 @@
 """Backdoor triggers (one per module) and poisoned training."""
 
+from malex.attacks.backdoor.adaptive_blend import AdaptiveBlend, AdaptiveBlendConfig
 from malex.attacks.backdoor.badnets import BadNets, BadNetsConfig
 from malex.attacks.backdoor.base import Trigger
 from malex.attacks.backdoor.blend import Blend, BlendConfig
 from malex.attacks.backdoor.poison import PoisonConfig, attack_success_rate, poison_split, triggered_inputs
+from malex.attacks.backdoor.wanet import WaNet, WaNetConfig
 from malex.attacks.backdoor.watermark import Watermark, WatermarkConfig, ring_logo
 from malex.errors import ConfigError
 
-TRIGGERS: dict[str, type[Trigger]] = {t.name: t for t in (BadNets, Blend, Watermark)}
+TRIGGERS: dict[str, type[Trigger]] = {t.name: t for t in (BadNets, Blend, Watermark, WaNet, AdaptiveBlend)}
 
 
 def make_trigger(name: str, **config) -> Trigger:
@@ -22,6 +24,7 @@ def make_trigger(name: str, **config) -> Trigger:
 
 
 __all__ = [
-    "TRIGGERS", "BadNets", "BadNetsConfig", "Blend", "BlendConfig", "PoisonConfig", "Trigger", "Watermark",
-    "WatermarkConfig", "attack_success_rate", "make_trigger", "poison_split", "ring_logo", "triggered_inputs",
+    "TRIGGERS", "AdaptiveBlend", "AdaptiveBlendConfig", "BadNets", "BadNetsConfig", "Blend", "BlendConfig",
+    "PoisonConfig", "Trigger", "WaNet", "WaNetConfig", "Watermark", "WatermarkConfig", "attack_success_rate",
+    "make_trigger", "poison_split", "ring_logo", "triggered_inputs",
 ]

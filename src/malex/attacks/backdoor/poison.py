@@ -2,47 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from malex.attacks.backdoor.base import Trigger
+from malex.attacks.backdoor.base import PoisonConfig, Trigger
 from malex.data.dataset import Split
-from malex.errors import ConfigError
 from malex.models.inference import predict
 
 
-@dataclass(frozen=True)
-class PoisonConfig:
-    """Stamp the trigger on a `rate` share of the training inputs and relabel them `target`."""
-
-    rate: float = 0.1
-    target: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.rate < 1.0:
-            raise ConfigError(f"poisoning rate is {self.rate}; expected a value in (0, 1)")
-        if self.target < 0:
-            raise ConfigError(f"target label is {self.target}; expected a class id >= 0")
-
-
 def poison_split(data: Split, trigger: Trigger, config: PoisonConfig) -> tuple[Split, torch.Tensor]:
-    """A copy of `data` in which a `rate` share of non-target inputs carry the trigger and label `target`.
+    """A poisoned copy of `data` built by `trigger.poison` (by default a `rate` share of non-target inputs
+    carry the trigger and label `target`; see each trigger for its training-time behaviour).
 
-    Returns the poisoned split and the indices that were poisoned.
+    Returns the poisoned split and the indices that carry the trigger and the target label.
     """
-    candidates = torch.nonzero(data.y != config.target).flatten()
-    n = int(round(config.rate * len(data)))
-    if n < 1 or n > len(candidates):
-        raise ConfigError(f"cannot poison {n} of {len(candidates)} non-target inputs; adjust the rate")
-    gen = torch.Generator().manual_seed(config.seed)
-    chosen = candidates[torch.randperm(len(candidates), generator=gen)[:n]]
-    x, y = data.x.clone(), data.y.clone()
-    x[chosen] = trigger.apply(x[chosen])
-    y[chosen] = config.target
-    return Split(x, y), chosen
+    return trigger.poison(data, config)
 
 
 def triggered_inputs(data: Split, trigger: Trigger, target: int) -> Split:
