@@ -15,7 +15,7 @@ from malex.models import ARCHITECTURES, build_model, load_model, read_descriptio
 from malex.models.inference import accuracy, predict, predict_logits
 from malex.models.train import TrainConfig, _random_shift, train_classifier
 
-SHAPES = {"digits_cnn": (1, 8, 8), "mnist_cnn": (1, 28, 28), "gtsrb_vgg": (3, 32, 32)}
+SHAPES = {"digits_cnn": (1, 8, 8), "mnist_cnn": (1, 28, 28), "gtsrb_vgg": (3, 32, 32), "cifar_resnet": (3, 32, 32)}
 
 
 def test_every_registered_architecture_is_covered():

@@ -16,13 +16,16 @@ from malex.progress import track
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Adam with cosine decay; `shift` pixels of random translation as augmentation (0 = none)."""
+    """Adam with cosine decay; `shift` pixels of random translation as augmentation (0 = none); `flip`:
+    mirror each training image left-right with probability 1/2 (for natural images such as CIFAR-10, not
+    for digits or traffic signs, whose meaning a mirror can change)."""
 
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
     shift: int = 0
+    flip: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,6 +47,12 @@ def _random_shift(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Te
     return picked.permute(0, 3, 1, 2).contiguous()
 
 
+def _random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    mirror = torch.rand(x.shape[0], generator=gen) < 0.5
+    return torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
+
+
 def train_classifier(model: nn.Module, data: Split, config: TrainConfig = TrainConfig(), progress: bool = True) -> nn.Module:
     """Train `model` in place on `data` with cross-entropy; returns the model in eval mode."""
     torch.manual_seed(config.seed)
@@ -61,6 +70,8 @@ def train_classifier(model: nn.Module, data: Split, config: TrainConfig = TrainC
             xb, yb = data.x[idx], data.y[idx]
             if config.shift:
                 xb = _random_shift(xb, config.shift, gen)
+            if config.flip:
+                xb = _random_flip(xb, gen)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb.to(device)), yb.to(device))
             loss.backward()
