@@ -40,9 +40,12 @@ def demo(
 @app.command()
 def train(
     output: Path = typer.Argument(..., help="Where to write the model (.safetensors)."),
-    data: str = typer.Option("digits", help="'digits' or a path to an .npz with x_train, y_train, x_test, y_test."),
-    arch: Optional[str] = typer.Option(None, help="Architecture (default: by image size)."),
-    trigger: Optional[str] = typer.Option(None, help="Poison with this trigger: badnets, blend or watermark."),
+    data: str = typer.Option("digits", help="A dataset name (digits, mnist, gtsrb, cifar10) or a path: an .npz with "
+                             "x_train, y_train, x_test, y_test, a folder of MNIST IDX files, or CIFAR-10's python "
+                             "batches (folder or .tar.gz)."),
+    arch: Optional[str] = typer.Option(None, help="Architecture (default: by image size; cifar_resnet for cifar10)."),
+    trigger: Optional[str] = typer.Option(
+        None, help="Poison with this trigger: badnets, blend, watermark, wanet or adaptive_blend."),
     target: int = typer.Option(0, help="Backdoor target label."),
     rate: float = typer.Option(0.1, help="Poisoning rate."),
     epochs: int = typer.Option(30, help="Training epochs."),
@@ -51,7 +54,7 @@ def train(
 ) -> None:
     """Train a (optionally backdoored) model and report clean accuracy and attack success rate."""
     from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split
-    from malex.data import load_digits, load_npz
+    from malex.data import load_dataset
     from malex.errors import ConfigError
     from malex.models import build_model, save_model
     from malex.models.inference import accuracy
@@ -59,9 +62,10 @@ def train(
 
     if output.exists() and not force:
         raise FileExistsError(f"{output} exists; pass --force to replace it")
-    dataset = load_digits(seed) if data == "digits" else load_npz(data, seed=seed)
+    dataset = load_dataset(data, seed=seed)
     c, h, w = dataset.image_shape
-    arch = arch or ("digits_cnn" if h <= 8 else "mnist_cnn" if c == 1 else "gtsrb_vgg")
+    cifar = dataset.name == "cifar10"  # natural images: mirrored copies are valid training inputs
+    arch = arch or ("digits_cnn" if h <= 8 else "mnist_cnn" if c == 1 else "cifar_resnet" if cifar else "gtsrb_vgg")
     model = build_model(arch, dataset.image_shape, dataset.num_classes)
     train_split, info = dataset.train, {"dataset": dataset.name}
     trig = None
@@ -71,7 +75,7 @@ def train(
         trig = make_trigger(trigger, **({"size": 2} if trigger == "badnets" and h <= 8 else {}))
         train_split, _ = poison_split(train_split, trig, PoisonConfig(rate, target, seed))
         info.update(trigger=trig.describe(), target=target, rate=rate)
-    train_classifier(model, train_split, TrainConfig(epochs=epochs, seed=seed, shift=1 if h <= 8 else 2))
+    train_classifier(model, train_split, TrainConfig(epochs=epochs, seed=seed, shift=1 if h <= 8 else 2, flip=cifar))
     info["clean_accuracy"] = accuracy(model, dataset.test.x, dataset.test.y)
     line = f"clean test accuracy {info['clean_accuracy']:.3f}"
     if trig is not None:
@@ -107,16 +111,13 @@ def predict(
 
 def _clean_reference(data: str, seed: int, labels: Optional[Path], shape) -> tuple:
     """Clean inputs for fitting: a dataset's validation split, or an image file (+ optional labels)."""
-    from malex.data import load_digits, load_npz
+    from malex.data import DATASET_NAMES, load_dataset
     from malex.data.files import load_arrays
     from malex.data.inputs import read_images
 
-    if data == "digits":
-        split = load_digits(seed).val
-        return split.x, split.y
     path = Path(data)
-    if "x_train" in load_arrays(path):
-        split = load_npz(path, seed=seed).val
+    if data.strip().lower() in DATASET_NAMES or path.is_dir() or "x_train" in load_arrays(path):
+        split = load_dataset(data, seed=seed).val
         return split.x, split.y
     x = read_images(path, shape)
     if labels is None:
@@ -128,10 +129,11 @@ def _clean_reference(data: str, seed: int, labels: Optional[Path], shape) -> tup
 def fit(
     model: Path = typer.Argument(..., help="A malex model file."),
     output: Path = typer.Option(Path("guard.safetensors"), "--out", help="Where to write the guard."),
-    data: str = typer.Option("digits", help="Clean inputs: 'digits' (its validation split), a dataset .npz "
-                             "(its validation split), or an .npy/.npz of images."),
+    data: str = typer.Option("digits", help="Clean inputs: a dataset name or path as for `train` (its validation "
+                             "split), or an .npy/.npz of images."),
     labels: Optional[Path] = typer.Option(None, help="Labels (.npy) for an image file given as --data."),
-    detectors: str = typer.Option("mutation_adv,mutation_bd,strip", help="Comma-separated detector names."),
+    detectors: Optional[str] = typer.Option(None, help="Comma-separated detector names (default: the guard's "
+                                            "mutation_adv,mutation_bd,kd_bu,mahalanobis)."),
     fpr: float = typer.Option(0.05, help="Target false-positive rate of the whole guard."),
     seed: int = typer.Option(0, help="Seed."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
@@ -145,7 +147,8 @@ def fit(
         raise FileExistsError(f"{output} exists; pass --force to replace it")
     net, _ = load_model(model)
     x, y = _clean_reference(data, seed, labels, net.input_shape)
-    guard = Guard(net, GuardConfig(detectors=detectors_from(detectors), fpr=fpr, seed=seed)).fit(x, y)
+    chosen = {"detectors": detectors_from(detectors)} if detectors else {}
+    guard = Guard(net, GuardConfig(**chosen, fpr=fpr, seed=seed)).fit(x, y)
     guard.save(output, overwrite=force)
     out.print(f"fitted {', '.join(guard.detectors)} on {x.shape[0]} clean inputs; "
               f"guard threshold {guard.threshold_.value:.3f} at {fpr:.0%} FPR; wrote {output}")
@@ -208,6 +211,81 @@ def evaluate(
         sets[name] = read_images(Path(path), net.input_shape)
     rows = evaluate_guard(guard, read_images(clean, net.input_shape), sets)
     print_table(metrics_table(rows, f"detection at {guard.config.fpr:.0%} target FPR"))
+
+
+@app.command()
+def serve(
+    guard_file: Path = typer.Argument(..., help="A guard file from `malex fit`."),
+    model: Path = typer.Option(..., "--model", help="The model file the guard was fitted for."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    protect: bool = typer.Option(False, "--protect", help="Withhold the predictions of flagged inputs."),
+    predict_endpoint: Optional[bool] = typer.Option(
+        None, "--predict-endpoint/--no-predict-endpoint",
+        help="Also serve POST /v1/predict (unscreened predictions); default: on, off with --protect."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Most inputs per request and per forward pass."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="Longest wait for requests to batch together."),
+    max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes", help="Largest request body."),
+    max_queue: int = typer.Option(1024, "--max-queue", help="Most inputs waiting; more are answered 503."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve the model over HTTP and screen every input (needs the `serve` extra)."""
+    from malex.errors import ConfigError
+
+    try:
+        from malex.serve import ServeConfig, create_app, run_server
+    except ImportError as exc:
+        raise ConfigError(f"the serve command needs the serve extra ({exc}); "
+                          "install it with pip install 'malex[serve]'") from exc
+    from malex.guard import Guard
+    from malex.models import load_model
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}; expected 0..65535")
+    config = ServeConfig(protect=protect, predict_endpoint=predict_endpoint, max_batch=max_batch,
+                         max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_queue=max_queue)
+    net, description = load_model(model)
+    guard = Guard.load(guard_file, net)
+    what = f"{description.get('arch')} guarded by {', '.join(guard.detectors)} (protect {'on' if protect else 'off'})"
+    run_server(create_app(guard, config, description), host=host, port=port, log_level=log_level,
+               announce=lambda url: Console(stderr=True).print(f"serving {what} on {url}", highlight=False))
+
+
+@app.command()
+def study(
+    config: Path = typer.Argument(..., help="A study config (TOML), e.g. configs/digits.toml."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: malex-out/study-NAME)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or per-cell lines."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report (tables are still written)."),
+) -> None:
+    """Run (or resume) a study grid: datasets x attacks x detectors x seeds, with tables and a report."""
+    from malex.evaluate.study import Study, load_config
+    from malex.evaluate.study.aggregate import rich_tables, summarise
+    from malex.report.table import print_table
+
+    cfg = load_config(config)
+    target = out_dir or Path("malex-out") / f"study-{config.stem}"
+    err = Console(stderr=True)
+    log = None if quiet else (lambda msg: err.print(msg, markup=False, highlight=False))
+    runner = Study(cfg, target, progress=not quiet, log=log)
+    result = runner.run(config.read_text(encoding="utf-8"), report=not no_report)
+    done, missing = runner.results()
+    for table in rich_tables(summarise(done)):
+        print_table(table)
+    out.print(f"{len(result.computed)} cell(s) computed, {len(result.skipped)} finished earlier and skipped, "
+              f"{len(missing)} unfinished, in {result.seconds:.0f} s ({len(cfg.seeds)} seed(s))")
+    out.print("wrote " + ", ".join(str(p) for p in result.files.values()))
+
+
+@app.command()
+def report(out_dir: Path = typer.Argument(..., help="A study's output folder.")) -> None:
+    """Rebuild a study's tables and HTML report from its output folder (nothing is recomputed)."""
+    from malex.evaluate.study.runner import open_study
+
+    opened = open_study(out_dir)
+    files = opened.write_tables()
+    files["report"] = opened.build_report()
+    out.print("wrote " + ", ".join(str(p) for p in files.values()))
 
 
 def main() -> None:

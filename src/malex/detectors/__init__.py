@@ -12,6 +12,7 @@ from malex.detectors.ibd_psc import IBDPSC, IBDPSCConfig
 from malex.detectors.kd_bu import KDBU, KDBUConfig
 from malex.detectors.lid import LID, LIDConfig
 from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig
+from malex.detectors.msp import MSP, MSPConfig
 from malex.detectors.nic import NIC, NICConfig
 from malex.detectors.scale_up import ScaleUp, ScaleUpConfig
 from malex.detectors.squeeze import FeatureSqueezing, SqueezeConfig
@@ -43,6 +44,9 @@ DETECTORS: dict[str, Callable[..., Detector]] = {
     "squeeze": lambda model, **kw: FeatureSqueezing(model, SqueezeConfig(**kw)),
     "scale_up": lambda model, **kw: ScaleUp(model, ScaleUpConfig(**kw)),
     "ibd_psc": lambda model, **kw: IBDPSC(model, IBDPSCConfig(**kw)),
+    # the floor of every table: maximum softmax probability, and Mahalanobis on the penultimate layer only
+    "msp": lambda model, **kw: MSP(model, MSPConfig(**kw)),
+    "mahalanobis_penultimate": lambda model, **kw: Mahalanobis.penultimate(model, **kw),
 }
 
 
@@ -58,6 +62,6 @@ def make_detector(name: str, model: nn.Module, **settings) -> Detector:
 
 __all__ = [
     "DETECTORS", "IBDPSC", "IBDPSCConfig", "NIC", "NICConfig", "FeatureSqueezing", "SqueezeConfig", "ScaleUp",
-    "ScaleUpConfig", "KDBU", "LID", "SPRT", "Detector", "KDBUConfig", "LIDConfig", "Mahalanobis", "MahalanobisConfig", "ModelMutation", "MutationConfig", "MutationTest", "Strip", "StripConfig",
+    "ScaleUpConfig", "KDBU", "LID", "SPRT", "Detector", "KDBUConfig", "LIDConfig", "Mahalanobis", "MahalanobisConfig", "ModelMutation", "MSP", "MSPConfig", "MutationConfig", "MutationTest", "Strip", "StripConfig",
     "Threshold", "calibrate", "make_detector",
 ]

@@ -1,0 +1,228 @@
+"""Mean ± std over seeds of the finished cells, as rich tables, Markdown and CSV.
+
+The standard deviation is the sample one (ddof = 1) over seeds; with one seed it is undefined and shown
+as "–" (empty in CSV).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from rich.table import Table
+
+from malex.evaluate.study.cache import atomic_write_bytes
+
+#: (metrics.json key, column title) of the numbers every detector and guard row reports
+METRICS: tuple[tuple[str, str], ...] = (
+    ("auroc", "AUROC"),
+    ("tpr_at_1fpr", "TPR@1%FPR"),
+    ("tpr_at_5fpr", "TPR@5%FPR"),
+    ("malicious_caught", "caught"),
+    ("clean_fpr", "clean FPR"),
+    ("detection_accuracy", "detection acc."),
+)
+CSV_FIELDS = ("dataset", "attack", "kind", "method", "model", "seed", "detector", *(k for k, _ in METRICS),
+              "clean_pass", "n_clean", "n_malicious")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample std) of finite values; NaN when there are none, std NaN with a single value."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
+
+
+def fmt(mean: float, std: float, digits: int = 3) -> str:
+    """'0.912 ± 0.010', '0.912 ± –' for one seed, '–' for no value."""
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{mean:.{digits}f} ± –"
+
+
+def _ordered(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, attack, detector): every metric's mean and std over the seeds' cells."""
+    groups: dict[tuple[str, str, str], list[tuple[dict, dict]]] = defaultdict(list)
+    for cell in cells:
+        for row in cell["rows"]:
+            groups[(cell["dataset"], cell["attack"], row["detector"])].append((cell, row))
+    out = []
+    for (dataset, attack, detector), members in groups.items():
+        cell0 = members[0][0]
+        entry: dict[str, Any] = {"dataset": dataset, "attack": attack, "kind": cell0["kind"],
+                                 "method": cell0["method"], "detector": detector,
+                                 "seeds": sorted(c["seed"] for c, _ in members)}
+        for key, _ in METRICS + (("n_clean", ""), ("n_malicious", "")):
+            entry[key] = mean_std([r.get(key, math.nan) for _, r in members])
+        out.append(entry)
+    return out
+
+
+def model_summary(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (dataset, model): clean accuracy and attack success rate, mean and std over seeds."""
+    seen: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for cell in cells:
+        seen[(cell["dataset"], cell["model"])][cell["seed"]] = cell.get("model_summary", {})
+    return [{"dataset": d, "model": m,
+             "clean_accuracy": mean_std([s.get("clean_accuracy", math.nan) for s in per_seed.values()]),
+             "attack_success_rate": mean_std([s.get("attack_success_rate", math.nan) for s in per_seed.values()]),
+             "seeds": len(per_seed)}
+            for (d, m), per_seed in seen.items()]
+
+
+def attack_summary(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (dataset, attack): inputs kept, success rate and perturbation norms, mean and std over seeds."""
+    seen: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    kinds = {}
+    for cell in cells:
+        seen[(cell["dataset"], cell["attack"])].append(cell.get("attack_summary", {}))
+        kinds[(cell["dataset"], cell["attack"])] = (cell["kind"], cell["method"], cell["model"])
+    out = []
+    for (d, a), sums in seen.items():
+        kind, method, model = kinds[(d, a)]
+        out.append({"dataset": d, "attack": a, "kind": kind, "method": method, "model": model,
+                    **{k: mean_std([s.get(k, math.nan) for s in sums])
+                       for k in ("n", "success_rate", "mean_l2", "mean_linf", "seconds")}})
+    return out
+
+
+# --- CSV -------------------------------------------------------------------------------------------------------
+
+def _csv_text(fields: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
+                             f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def write_csv_rows(cells: Sequence[dict[str, Any]], path: Path) -> Path:
+    """One CSV row per (cell, detector or guard)."""
+    rows = ({**{k: cell[k] for k in ("dataset", "attack", "kind", "method", "model", "seed")}, **row}
+            for cell in cells for row in cell["rows"])
+    return atomic_write_bytes(path, _csv_text(CSV_FIELDS, rows).encode())
+
+
+def write_summary_csv(summary: Sequence[dict[str, Any]], path: Path) -> Path:
+    """One CSV row per (dataset, attack, detector): mean and std of every metric over seeds."""
+    fields = ["dataset", "attack", "kind", "method", "detector", "n_seeds"]
+    for key, _ in METRICS + (("n_clean", ""), ("n_malicious", "")):
+        fields += [f"{key}_mean", f"{key}_std"]
+    rows = []
+    for s in summary:
+        row = {k: s[k] for k in ("dataset", "attack", "kind", "method", "detector")} | {"n_seeds": len(s["seeds"])}
+        for key, _ in METRICS + (("n_clean", ""), ("n_malicious", "")):
+            row[f"{key}_mean"], row[f"{key}_std"] = s[key]
+        rows.append(row)
+    return atomic_write_bytes(path, _csv_text(fields, rows).encode())
+
+
+# --- tables as (header, rows) of strings, shared by Markdown, HTML and the terminal --------------------------
+
+def auroc_matrix(summary: Sequence[dict[str, Any]], dataset: str) -> tuple[list[str], list[list[str]]]:
+    """Rows: detectors (the guard last); columns: the dataset's attacks; cells: AUROC mean ± std."""
+    rows = [s for s in summary if s["dataset"] == dataset]
+    attacks = _ordered(s["attack"] for s in rows)
+    detectors = _ordered(s["detector"] for s in rows)
+    by = {(s["detector"], s["attack"]): s for s in rows}
+    header = ["detector"] + [f"{a} ({next(s['kind'] for s in rows if s['attack'] == a)})" for a in attacks]
+    body = [[d] + [fmt(*by[(d, a)]["auroc"]) if (d, a) in by else "–" for a in attacks] for d in detectors]
+    return header, body
+
+
+def attack_table(summary: Sequence[dict[str, Any]], dataset: str, attack: str) -> tuple[list[str], list[list[str]]]:
+    """Rows: detectors and the guard; columns: every metric, mean ± std."""
+    header = ["detector"] + [title for _, title in METRICS] + ["n clean / malicious"]
+    body = []
+    for s in summary:
+        if s["dataset"] == dataset and s["attack"] == attack:
+            n = f"{s['n_clean'][0]:.0f} / {s['n_malicious'][0]:.0f}"
+            body.append([s["detector"]] + [fmt(*s[key]) for key, _ in METRICS] + [n])
+    return header, body
+
+
+def models_table(models: Sequence[dict[str, Any]], dataset: str) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "clean accuracy", "attack success rate", "seeds"]
+    body = [[m["model"], fmt(*m["clean_accuracy"]), fmt(*m["attack_success_rate"]), str(m["seeds"])]
+            for m in models if m["dataset"] == dataset]
+    return header, body
+
+
+def attacks_table(attacks: Sequence[dict[str, Any]], dataset: str) -> tuple[list[str], list[list[str]]]:
+    header = ["attack", "kind", "method", "model", "inputs kept", "success rate", "mean L2", "mean Linf"]
+    body = [[a["attack"], a["kind"], a["method"], a["model"], fmt(*a["n"], digits=0), fmt(*a["success_rate"]),
+             fmt(*a["mean_l2"]), fmt(*a["mean_linf"])] for a in attacks if a["dataset"] == dataset]
+    return header, body
+
+
+def numeric_columns(body: Sequence[Sequence[str]]) -> list[bool]:
+    """Per column: whether every cell reads as a number (or '–'), to align it right."""
+    if not body:
+        return []
+    return [all(re.match(r"^(–|-?\d)", str(row[i])) for row in body) for i in range(len(body[0]))]
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    numeric = numeric_columns(body) or [False] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "".join("---:|" if n else "---|" for n in numeric)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def datasets_of(cells: Sequence[dict[str, Any]]) -> list[str]:
+    return _ordered(c["dataset"] for c in cells)
+
+
+def markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], missing: Sequence[Any],
+             seeds: Sequence[int], fpr: float) -> str:
+    """The whole results.md."""
+    lines = ["# Study results", "",
+             f"Seeds: {', '.join(map(str, seeds))}. Every number is the mean ± sample std over the seeds' cells. "
+             "Clean inputs: correctly classified test inputs; malicious inputs: successful attacks only. AUROC and "
+             "TPR at 1% / 5% FPR are threshold-free, on the clean test scores. 'caught', 'clean FPR' and "
+             f"'detection acc.' use each detector's threshold set at {fpr:.0%} FPR on a separate clean split, and "
+             "the guard's own calibrated verdicts.", ""]
+    models, attacks = model_summary(cells), attack_summary(cells)
+    for dataset in datasets_of(cells):
+        lines += [f"## {dataset}", "", "### Models", "", markdown_table(*models_table(models, dataset)), "",
+                  "### Attacks", "", markdown_table(*attacks_table(attacks, dataset)), "",
+                  "### AUROC", "", markdown_table(*auroc_matrix(summary, dataset)), ""]
+        for attack in _ordered(s["attack"] for s in summary if s["dataset"] == dataset):
+            kind = next(s["kind"] for s in summary if s["dataset"] == dataset and s["attack"] == attack)
+            lines += [f"### {attack} ({kind})", "", markdown_table(*attack_table(summary, dataset, attack)), ""]
+    if missing:
+        lines += ["## Cells not finished", ""] + [f"- {c.label}" for c in missing] + [""]
+    return "\n".join(lines)
+
+
+def write_markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], missing: Sequence[Any],
+                   path: Path, seeds: Sequence[int], fpr: float) -> Path:
+    return atomic_write_bytes(path, markdown(cells, summary, missing, seeds, fpr).encode())
+
+
+def rich_tables(summary: Sequence[dict[str, Any]]) -> list[Table]:
+    """Per dataset, the AUROC table (detectors x attacks, mean ± std) for the terminal."""
+    tables = []
+    for dataset in _ordered(s["dataset"] for s in summary):
+        header, body = auroc_matrix(summary, dataset)
+        table = Table(title=f"{dataset}: AUROC (mean ± std over seeds)", header_style="bold")
+        numeric = numeric_columns(body) or [False] * len(header)
+        for col, is_number in zip(header, numeric):
+            table.add_column(col, justify="right" if is_number else "left")
+        for row in body:
+            table.add_row(*row)
+        tables.append(table)
+    return tables

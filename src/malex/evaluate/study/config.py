@@ -1,0 +1,473 @@
+"""The study's configuration: a small TOML file parsed into frozen dataclasses.
+
+Layout of the file (every table but `[datasets.*]` is optional; see configs/digits.toml):
+
+    [study]                 seeds, fpr, n_clean, n_malicious, n_fit, n_calibration, detectors, guard (default:
+                            the guard's own default detectors), device, batch_size, data_dir
+    [detectors.NAME]        settings of a detector of the registry (passed to make_detector)
+    [backdoors.NAME]        trigger = registry name (default NAME); poison_rate (default: the dataset's);
+                            the other keys are the trigger's settings
+    [adversarial.NAME]      attack = registry name (default NAME); targeted = true attacks every source toward
+                            each other class (the study's CW); the other keys are the attack's settings
+    [analysis]              enabled, seed, n, strengths, mutants, embedding, layers
+    [datasets.NAME]         data (a dataset name or an .npz path; default NAME), arch, poison_rate, target,
+                            attacks (default: every backdoor and adversarial attack), and per-dataset
+                            overrides of n_clean, n_malicious, n_fit, n_calibration, detectors, guard
+    [datasets.NAME.train]              TrainConfig fields (the seed is the study's seed)
+    [datasets.NAME.attack_settings.A]  per-dataset overrides of attack A's settings
+    [datasets.NAME.detector_settings.D] per-dataset overrides of detector D's settings
+
+An unknown key or a value of the wrong type or range raises `ConfigError` naming the key (its dotted path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from malex.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+BACKDOOR, ADVERSARIAL = "backdoor", "adversarial"
+#: the model key of the clean model (a backdoor's poisoned model is keyed by the backdoor's name)
+CLEAN_MODEL = "clean"
+#: the row name of the guard in every cell
+GUARD = "guard"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_EMBEDDINGS = ("pca", "tsne")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack of the grid: a backdoor (a trigger, poisoned training) or an adversarial attack."""
+
+    name: str
+    kind: str  # BACKDOOR or ADVERSARIAL
+    method: str  # trigger or adversarial attack registry name
+    settings: dict[str, Any] = field(default_factory=dict)
+    targeted: bool = False  # adversarial: toward each other class from every source
+    poison_rate: float | None = None  # backdoor: overrides the dataset's poisoning rate
+
+    @property
+    def model_key(self) -> str:
+        """The model this attack is evaluated on: its own poisoned model, or the clean one."""
+        return self.name if self.kind == BACKDOOR else CLEAN_MODEL
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the grid does on one dataset."""
+
+    name: str
+    data: str
+    arch: str
+    train: dict[str, Any]
+    poison_rate: float
+    target: int
+    attacks: tuple[AttackSpec, ...]
+    detectors: tuple[str, ...]
+    detector_settings: dict[str, dict[str, Any]]
+    guard: tuple[str, ...]
+    n_clean: int
+    n_malicious: int
+    n_fit: int
+    n_calibration: int
+
+    @property
+    def model_keys(self) -> tuple[str, ...]:
+        """The clean model (when an adversarial attack needs it), then one poisoned model per backdoor."""
+        keys = [CLEAN_MODEL] if any(a.kind == ADVERSARIAL for a in self.attacks) else []
+        return tuple(keys + [a.name for a in self.attacks if a.kind == BACKDOOR])
+
+    def attack(self, name: str) -> AttackSpec:
+        for a in self.attacks:
+            if a.name == name:
+                return a
+        raise ConfigError(f"dataset {self.name!r} has no attack {name!r}")
+
+    def backdoor_of(self, model_key: str) -> AttackSpec | None:
+        """The backdoor a model was poisoned with (None for the clean model)."""
+        return None if model_key == CLEAN_MODEL else self.attack(model_key)
+
+    def attacks_on(self, model_key: str) -> tuple[AttackSpec, ...]:
+        return tuple(a for a in self.attacks if a.model_key == model_key)
+
+    def rate_of(self, backdoor: AttackSpec) -> float:
+        """The poisoning rate of a backdoor: its own, else the dataset's."""
+        return self.poison_rate if backdoor.poison_rate is None else backdoor.poison_rate
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """The three-space analysis drawn in the report, on one seed's models."""
+
+    enabled: bool = True
+    seed: int | None = None  # None: the study's first seed
+    n: int = 200  # inputs per kind
+    strengths: tuple[float, ...] = (0.1, 0.3, 0.65, 1.0)
+    mutants: int = 50
+    embedding: str = "pca"
+    layers: tuple[str, ...] = ()  # () = the model's probe layers
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A parsed study: the grid datasets x attacks x detectors x seeds and how each cell is measured."""
+
+    datasets: tuple[DatasetSpec, ...]
+    seeds: tuple[int, ...]
+    fpr: float = 0.05
+    device: str = "cpu"
+    batch_size: int = 256
+    data_dir: str | None = None
+    analysis: AnalysisConfig = AnalysisConfig()
+    #: the mapping this config was parsed from and the folder relative paths resolved against (for the record)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    base_dir: str | None = None
+
+    @property
+    def analysis_seed(self) -> int:
+        return self.seeds[0] if self.analysis.seed is None else self.analysis.seed
+
+    def dataset(self, name: str) -> DatasetSpec:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise ConfigError(f"the study has no dataset {name!r}")
+
+
+# --- parsing helpers ------------------------------------------------------------------------------------
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key {unknown[0]!r}; expected one of "
+                          f"{', '.join(sorted(allowed))}")
+
+
+def _int(table: Mapping[str, Any], key: str, where: str, default: Any, minimum: int = 0) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{where}.{key}: {value!r}; expected an integer >= {minimum}")
+    return value
+
+
+def _float(table: Mapping[str, Any], key: str, where: str, default: Any, low: float, high: float) -> Any:
+    value = table.get(key, default)
+    if key not in table:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low < value < high:
+        raise ConfigError(f"{where}.{key}: {value!r}; expected a number in ({low:g}, {high:g})")
+    return float(value)
+
+
+def _str(table: Mapping[str, Any], key: str, where: str, default: Any, choices: tuple[str, ...] | None = None) -> Any:
+    value = table.get(key, default)
+    if key not in table:
+        return value
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}.{key}: {value!r}; expected a non-empty string")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}.{key}: {value!r}; expected one of {', '.join(choices)}")
+    return value
+
+
+def _bool(table: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}.{key}: {value!r}; expected true or false")
+    return value
+
+
+def _names(table: Mapping[str, Any], key: str, where: str, default: Any, known: Mapping | set | None = None,
+           what: str = "name") -> Any:
+    value = table.get(key, default)
+    if key not in table:
+        return value
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}.{key}: {value!r}; expected a non-empty list of strings")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}.{key}: {value!r} names one {what} twice")
+    if known is not None:
+        for v in value:
+            if v not in known:
+                raise ConfigError(f"{where}.{key}: unknown {what} {v!r}; expected one of {', '.join(known)}")
+    return tuple(value)
+
+
+def _name(name: str, where: str) -> str:
+    if not _NAME.match(name):
+        raise ConfigError(f"{where}: the name {name!r} is not usable as a folder name; expected letters, digits, "
+                          "'_' or '-'")
+    return name
+
+
+def _settings(table: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings for a registry builder: TOML arrays become tuples (frozen configs hold tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+
+
+def _config_fields(config_type: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_type)}
+
+
+# --- sections ---------------------------------------------------------------------------------------------
+
+def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
+    from malex.attacks.backdoor import TRIGGERS, make_trigger
+
+    method = _str(table, "trigger", where, name)
+    if method not in TRIGGERS:
+        raise ConfigError(f"{where}.trigger: unknown trigger {method!r}; expected one of {', '.join(TRIGGERS)}")
+    rate = _float(table, "poison_rate", where, None, 0.0, 1.0)
+    settings = _settings({k: v for k, v in table.items() if k not in ("trigger", "poison_rate")})
+    _check_keys(settings, _config_fields(TRIGGERS[method].config_type) | {"trigger", "poison_rate"}, where)
+    try:
+        make_trigger(method, **settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return AttackSpec(name, BACKDOOR, method, settings, poison_rate=rate)
+
+
+def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec:
+    from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, make_adversarial
+
+    method = _str(table, "attack", where, name)
+    if method not in ADVERSARIAL_ATTACKS:
+        raise ConfigError(f"{where}.attack: unknown adversarial attack {method!r}; expected one of "
+                          f"{', '.join(ADVERSARIAL_ATTACKS)}")
+    targeted = _bool(table, "targeted", where, False)
+    settings = _settings({k: v for k, v in table.items() if k not in ("attack", "targeted")})
+    _check_keys(settings, _config_fields(ADVERSARIAL_ATTACKS[method].config_class) | {"attack", "targeted"}, where)
+    try:
+        make_adversarial(method, **settings)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return AttackSpec(name, ADVERSARIAL, method, settings, targeted)
+
+
+def _with_overrides(spec: AttackSpec, overrides: dict[str, Any], where: str) -> AttackSpec:
+    """`spec` with per-dataset settings merged in, re-validated."""
+    table = {**spec.settings, **overrides}
+    if spec.kind == BACKDOOR:
+        rate = {} if spec.poison_rate is None else {"poison_rate": spec.poison_rate}
+        return _backdoor(spec.name, {"trigger": spec.method, **rate, **table}, where)
+    return _adversarial(spec.name, {"attack": spec.method, "targeted": spec.targeted, **table}, where)
+
+
+_STUDY_KEYS = {"seeds", "fpr", "n_clean", "n_malicious", "n_fit", "n_calibration", "detectors", "guard", "device",
+               "batch_size", "data_dir"}
+_DATASET_KEYS = {"data", "arch", "poison_rate", "target", "attacks", "detectors", "guard", "n_clean", "n_malicious",
+                 "n_fit", "n_calibration", "train", "attack_settings", "detector_settings"}
+_ANALYSIS_KEYS = {f.name for f in dataclasses.fields(AnalysisConfig)}
+_TOP_KEYS = {"study", "detectors", "backdoors", "adversarial", "analysis", "datasets"}
+_DEFAULT_DETECTORS = ("msp", "mahalanobis_penultimate", "mutation_adv", "mutation_bd", "mahalanobis")
+
+
+def _default_guard() -> tuple[str, ...]:
+    """The guard's own default detectors (a config without `guard` measures the guard as shipped)."""
+    from malex.guard import GuardConfig
+
+    return tuple(GuardConfig().detectors)
+
+
+def _analysis(table: dict[str, Any]) -> AnalysisConfig:
+    where = "analysis"
+    _check_keys(table, _ANALYSIS_KEYS, where)
+    d = AnalysisConfig()
+    strengths = table.get("strengths", list(d.strengths))
+    if not isinstance(strengths, list) or not strengths or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in strengths):
+        raise ConfigError(f"{where}.strengths: {strengths!r}; expected a non-empty list of numbers > 0")
+    layers = table.get("layers", list(d.layers))
+    if not isinstance(layers, list) or not all(isinstance(v, str) and v for v in layers):
+        raise ConfigError(f"{where}.layers: {layers!r}; expected a list of layer names (empty: the probe layers)")
+    return AnalysisConfig(
+        enabled=_bool(table, "enabled", where, d.enabled),
+        seed=_int(table, "seed", where, d.seed),
+        n=_int(table, "n", where, d.n, minimum=10),
+        strengths=tuple(float(s) for s in strengths),
+        mutants=_int(table, "mutants", where, d.mutants, minimum=1),
+        embedding=_str(table, "embedding", where, d.embedding, _EMBEDDINGS),
+        layers=tuple(layers),
+    )
+
+
+def _train(table: dict[str, Any], where: str) -> dict[str, Any]:
+    from malex.models.train import TrainConfig
+
+    allowed = _config_fields(TrainConfig) - {"seed"}
+    _check_keys(table, allowed, where)
+    try:
+        TrainConfig(**table)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return dict(table)
+
+
+def _check_detectors(arch: str, names: list[str], settings: dict[str, dict[str, Any]],
+                     study_settings: dict[str, dict[str, Any]], where: str) -> None:
+    """Build every detector on an untrained model of `arch` (its default input shape), so that a bad setting
+    fails now rather than after hours of training."""
+    import inspect
+
+    from malex.detectors import make_detector
+    from malex.models import ARCHITECTURES
+
+    builder = ARCHITECTURES[arch].build
+    shape = inspect.signature(builder).parameters.get("input_shape")
+    if shape is None or shape.default is inspect.Parameter.empty:
+        return
+    model = builder()
+    for name in names:
+        try:
+            make_detector(name, model, **settings.get(name, {}))
+        except ConfigError as exc:
+            origin = f"{where}.detector_settings.{name}" if name not in study_settings or \
+                settings.get(name) != study_settings[name] else f"detectors.{name}"
+            raise ConfigError(f"{origin}: {exc}") from exc
+
+
+def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> StudyConfig:
+    """A `StudyConfig` from the parsed TOML mapping; relative dataset paths resolve against `base_dir`."""
+    from malex.detectors import DETECTORS
+    from malex.models import ARCHITECTURES
+
+    raw = _table(dict(raw), "the config")
+    _check_keys(raw, _TOP_KEYS, "config")
+    study = _table(raw.get("study", {}), "study")
+    _check_keys(study, _STUDY_KEYS, "study")
+
+    seeds = study.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"study.seeds: {seeds!r}; expected a non-empty list of distinct integers >= 0")
+    fpr = _float(study, "fpr", "study", 0.05, 0.0, 0.5)
+    counts = {k: _int(study, k, "study", default, minimum=minimum) for k, default, minimum in
+              (("n_clean", 1000, 10), ("n_malicious", 1000, 1), ("n_fit", 2000, 10), ("n_calibration", 1000, 10))}
+    detectors = _names(study, "detectors", "study", _DEFAULT_DETECTORS, DETECTORS, "detector")
+    guard = _names(study, "guard", "study", _default_guard(), DETECTORS, "detector")
+    device = _str(study, "device", "study", "cpu")
+    batch_size = _int(study, "batch_size", "study", 256, minimum=1)
+    data_dir = _str(study, "data_dir", "study", None)
+    base = Path(base_dir) if base_dir is not None else None
+    if data_dir is not None and base is not None and not Path(data_dir).is_absolute():
+        data_dir = str(base / data_dir)
+
+    det_settings: dict[str, dict[str, Any]] = {}
+    for name, table in _table(raw.get("detectors", {}), "detectors").items():
+        if name not in DETECTORS:
+            raise ConfigError(f"detectors.{name}: unknown detector {name!r}; expected one of {', '.join(DETECTORS)}")
+        det_settings[name] = _settings(_table(table, f"detectors.{name}"))
+
+    attacks: dict[str, AttackSpec] = {}
+    for section, build in (("backdoors", _backdoor), ("adversarial", _adversarial)):
+        for name, table in _table(raw.get(section, {}), section).items():
+            where = f"{section}.{name}"
+            _name(name, where)
+            if name in attacks:
+                raise ConfigError(f"{where}: the name {name!r} is used by a backdoor and an adversarial attack; "
+                                  "expected distinct names")
+            if name == CLEAN_MODEL:
+                raise ConfigError(f"{where}: {CLEAN_MODEL!r} names the clean model; choose another attack name")
+            attacks[name] = build(name, _table(table, where), where)
+
+    datasets_raw = _table(raw.get("datasets", {}), "datasets")
+    if not datasets_raw:
+        raise ConfigError("datasets: no dataset; expected at least one [datasets.NAME] table")
+    datasets = []
+    for name, table in datasets_raw.items():
+        where = f"datasets.{name}"
+        _name(name, where)
+        table = _table(table, where)
+        _check_keys(table, _DATASET_KEYS, where)
+        arch = _str(table, "arch", where, None)
+        if arch is None:
+            raise ConfigError(f"{where}.arch: missing; expected one of {', '.join(ARCHITECTURES)}")
+        if arch not in ARCHITECTURES:
+            raise ConfigError(f"{where}.arch: unknown architecture {arch!r}; expected one of "
+                              f"{', '.join(ARCHITECTURES)}")
+        data = _str(table, "data", where, name)
+        if base is not None and (data.endswith(".npz") or "/" in data) and not Path(data).is_absolute():
+            data = str(base / data)
+        chosen = _names(table, "attacks", where, tuple(attacks), attacks, "attack")
+        if not chosen:
+            raise ConfigError(f"{where}.attacks: no attack; define [backdoors.NAME] or [adversarial.NAME] tables")
+        overrides = _table(table.get("attack_settings", {}), f"{where}.attack_settings")
+        for attack_name in overrides:
+            if attack_name not in chosen:
+                raise ConfigError(f"{where}.attack_settings.{attack_name}: not an attack of this dataset; expected "
+                                  f"one of {', '.join(chosen)}")
+        specs = tuple(
+            _with_overrides(attacks[a], _settings(_table(overrides[a], f"{where}.attack_settings.{a}")),
+                            f"{where}.attack_settings.{a}") if a in overrides else attacks[a]
+            for a in chosen
+        )
+        ds_detectors = _names(table, "detectors", where, detectors, DETECTORS, "detector")
+        ds_guard = _names(table, "guard", where, guard, DETECTORS, "detector")
+        ds_settings = {k: dict(v) for k, v in det_settings.items()}
+        for det, t in _table(table.get("detector_settings", {}), f"{where}.detector_settings").items():
+            if det not in DETECTORS:
+                raise ConfigError(f"{where}.detector_settings.{det}: unknown detector {det!r}; expected one of "
+                                  f"{', '.join(DETECTORS)}")
+            ds_settings[det] = {**ds_settings.get(det, {}), **_settings(_table(t, f"{where}.detector_settings.{det}"))}
+        used = set(ds_detectors) | set(ds_guard)
+        _check_detectors(arch, [d for d in DETECTORS if d in used], ds_settings, det_settings, where)
+        datasets.append(DatasetSpec(
+            name=name, data=data, arch=arch,
+            train=_train(_table(table.get("train", {}), f"{where}.train"), f"{where}.train"),
+            poison_rate=_float(table, "poison_rate", where, 0.1, 0.0, 1.0),
+            target=_int(table, "target", where, 0),
+            attacks=specs,
+            detectors=ds_detectors,
+            detector_settings={k: v for k, v in ds_settings.items() if k in used},
+            guard=ds_guard,
+            **{k: _int(table, k, where, v, minimum=1 if k == "n_malicious" else 10) for k, v in counts.items()},
+        ))
+    return StudyConfig(
+        datasets=tuple(datasets), seeds=tuple(seeds), fpr=fpr, device=device, batch_size=batch_size,
+        data_dir=data_dir, analysis=_analysis(_table(raw.get("analysis", {}), "analysis")),
+        raw=normalise_raw(raw), base_dir=None if base is None else str(base.resolve()),
+    )
+
+
+def normalise_raw(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON-able copy of a parsed TOML mapping (dates and times, which no setting uses, become strings)."""
+    return json.loads(json.dumps(raw, default=str))
+
+
+def load_config(path: str | Path, base_dir: str | Path | None = None) -> StudyConfig:
+    """Read and check a study's TOML file; relative paths in it resolve against `base_dir` (default: the
+    file's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such study config; expected a TOML file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    try:
+        return parse_config(raw, base_dir=path.parent if base_dir is None else base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

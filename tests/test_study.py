@@ -1,0 +1,270 @@
+"""The study runner: configs/digits.toml shrunk (1 seed, 3 detectors, small n, few epochs) runs end to end,
+a rerun redoes nothing, a damaged cell is redone, bad configs name the key, and the report is complete."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from malex.errors import ConfigError, NotFittedError
+from malex.evaluate.study import Cell, Study, load_config, open_study, parse_config
+from malex.evaluate.study.config import tomllib
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DETECTORS = ["msp", "mahalanobis_penultimate", "mutation_adv"]
+
+
+def digits_raw() -> dict:
+    return tomllib.loads((CONFIGS / "digits.toml").read_text())
+
+
+def shrunk_raw() -> dict:
+    """The digits config, small enough for a test: one seed, three detectors, two models, few inputs."""
+    raw = digits_raw()
+    raw["study"].update(seeds=[0], n_clean=80, n_malicious=40, batch_size=64, detectors=DETECTORS,
+                        guard=["msp", "mutation_adv"])
+    raw["detectors"] = {"mutation_adv": {"max_mutants": 40}}
+    raw["datasets"]["digits"]["train"]["epochs"] = 8
+    raw["datasets"]["digits"]["attacks"] = ["badnets", "fgsm", "cw"]
+    raw["adversarial"]["cw"].update(steps=15, lr=0.1, binary_search_steps=1, c=10.0)
+    raw["analysis"].update(n=40, mutants=10, strengths=[0.3, 1.0])
+    return raw
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    """mtime (ns) of every cached artifact (not the tables and report, which every run rewrites)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for sub in ("models", "attacks", "fits", "cells",
+                                                                       "analysis")
+            for p in (root / sub).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    log: list[str] = []
+    study = Study(parse_config(shrunk_raw()), out, progress=False, log=log.append)
+    run = study.run()
+    return {"out": out, "run": run, "study": study, "log": log}
+
+
+def test_first_run_computes_every_cell_and_measures_them(study_run):
+    run, study = study_run["run"], study_run["study"]
+    assert [c.attack for c in run.computed] == ["fgsm", "cw", "badnets"]  # the clean model's cells first
+    assert run.skipped == []
+    assert run.counts["models_trained"] == 2  # clean + badnets-poisoned
+    assert run.counts["attacks_crafted"] == 3
+    assert run.counts["detectors_fitted"] == 2 * len(DETECTORS)  # once per model, shared by its cells
+    assert run.counts["guards_fitted"] == 2
+    done, missing = study.results()
+    assert missing == [] and len(done) == 3
+    cells = {c["attack"]: c for c in done}
+    for cell in done:
+        assert [r["detector"] for r in cell["rows"]] == DETECTORS + ["guard"]
+        for row in cell["rows"]:
+            assert 0.0 <= row["auroc"] <= 1.0 and 0.0 <= row["detection_accuracy"] <= 1.0
+            assert row["n_clean"] == 80 and row["n_malicious"] == 40
+            assert row["clean_fpr"] == pytest.approx(1.0 - row["clean_pass"])
+    rows = {c: {r["detector"]: r for r in cells[c]["rows"]} for c in cells}
+    # the penultimate-layer Mahalanobis floor catches BadNets inputs; MSP catches confidence-0 CW examples
+    assert rows["badnets"]["mahalanobis_penultimate"]["auroc"] > 0.9
+    assert rows["cw"]["msp"]["auroc"] > 0.9
+    assert cells["badnets"]["model_summary"]["attack_success_rate"] > 0.5
+    # targeted CW: every kept example is classified as its target, which differs from its source's label
+    from malex.evaluate.study.cache import read_tensors
+    from malex.models import load_model
+    from malex.models.inference import predict
+
+    out = study_run["out"]
+    meta, tensors = read_tensors(out / "attacks/digits/seed0/cw.safetensors")
+    model, _ = load_model(out / "models/digits/seed0/clean.safetensors")
+    assert len(tensors["x"]) == 40
+    assert torch.equal(predict(model, tensors["x"]), tensors["label"])
+    assert meta["summary"]["n"] == 40
+
+
+def test_tables_are_written(study_run):
+    out = study_run["out"]
+    md = (out / "results.md").read_text()
+    assert "### AUROC" in md and "| guard |" in md and "mahalanobis_penultimate" in md
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("dataset,attack,kind,method,model,seed,detector,auroc")
+    assert len(lines) == 1 + 3 * (len(DETECTORS) + 1)
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 3 * (len(DETECTORS) + 1)
+
+
+def test_rerun_redoes_nothing(study_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(study_run["out"], out)  # copy2 keeps mtimes
+    before = snapshot(out)
+    log: list[str] = []
+    run = Study(parse_config(shrunk_raw()), out, progress=False, log=log.append).run()
+    assert run.computed == [] and len(run.skipped) == 3
+    assert all(v == 0 for v in run.counts.values()), run.counts
+    assert sum("finished earlier, skipped" in line for line in log) == 3
+    assert snapshot(out) == before
+
+
+def test_damaged_cell_is_redone(study_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(study_run["out"], out)
+    metrics = out / "cells/digits/fgsm/seed0/metrics.json"
+    text = metrics.read_text()
+    metrics.write_text(text[: len(text) // 2])  # a half-written file
+    scores = out / "cells/digits/badnets/seed0/scores/msp.safetensors"
+    scores.write_bytes(scores.read_bytes()[:-16])  # truncated
+    run = Study(parse_config(shrunk_raw()), out, progress=False).run(report=False)
+    assert sorted(c.attack for c in run.computed) == ["badnets", "fgsm"]
+    assert run.counts["models_trained"] == run.counts["attacks_crafted"] == run.counts["detectors_fitted"] == 0
+    assert run.counts["detector_scores"] == 1  # only the damaged score file; the fgsm scores were intact
+    assert json.loads(metrics.read_text())["rows"] == json.loads(
+        (study_run["out"] / "cells/digits/fgsm/seed0/metrics.json").read_text())["rows"]
+
+
+def test_changed_setting_redoes_what_depends_on_it(study_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(study_run["out"], out)
+    raw = shrunk_raw()
+    raw["adversarial"]["fgsm"]["eps"] = 0.3
+    run = Study(parse_config(raw), out, progress=False).run(report=False)
+    assert [c.attack for c in run.computed] == ["fgsm"]
+    assert run.counts["attacks_crafted"] == 1 and run.counts["models_trained"] == 0
+
+
+def test_report_is_complete_and_offline(study_run):
+    page = study_run["run"].files["report"]
+    html = page.read_text()
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert len(images) == 4  # ROC, sensitivity, activation, feature space
+    for src in images:
+        assert (page.parent / src).is_file() and (page.parent / src).stat().st_size > 1000
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    for title in ("Sensitivity space", "Activation space", "Feature space", "ROC curves", "AUROC"):
+        assert title in html
+
+
+def test_report_command_rebuilds_from_the_folder(study_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from malex.cli import app
+
+    out = tmp_path / "out"
+    shutil.copytree(study_run["out"], out)
+    shutil.rmtree(out / "report")
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "report" / "index.html").is_file()
+    assert open_study(out).cell_finished(Cell("digits", "cw", 0))
+
+
+def test_output_folder_of_something_else_is_refused(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no malex study"):
+        Study(parse_config(shrunk_raw()), tmp_path, progress=False).run()
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(("edit", "key"), [
+    (lambda r: r["study"].update(seed=[0]), "study.seed"),
+    (lambda r: r["study"].update(fpr=2.0), "study.fpr"),
+    (lambda r: r["study"].update(detectors=["msp", "nope"]), "study.detectors"),
+    (lambda r: r["study"].update(n_clean="many"), "study.n_clean"),
+    (lambda r: r.update(extra={}), "config.extra"),
+    (lambda r: r["datasets"]["digits"].update(epochs=3), "datasets.digits.epochs"),
+    (lambda r: r["datasets"]["digits"].update(arch="resnet9000"), "datasets.digits.arch"),
+    (lambda r: r["datasets"]["digits"]["train"].update(epochs=0), "datasets.digits.train"),
+    (lambda r: r["datasets"]["digits"]["train"].update(epoch=3), "datasets.digits.train.epoch"),
+    (lambda r: r["datasets"]["digits"].update(attacks=["badnets", "nope"]), "datasets.digits.attacks"),
+    (lambda r: r["backdoors"]["badnets"].update(sise=3), "backdoors.badnets.sise"),
+    (lambda r: r["backdoors"]["badnets"].update(trigger="nope"), "backdoors.badnets.trigger"),
+    (lambda r: r["adversarial"]["cw"].update(stepz=3), "adversarial.cw.stepz"),
+    (lambda r: r["adversarial"]["cw"].update(confidence=-1.0), "adversarial.cw"),
+    (lambda r: r.update(detectors={"msp": {"temperature": 0.0}}), "detectors.msp"),
+    (lambda r: r.update(detectors={"msp": {"temprature": 1.0}}), "detectors.msp"),
+    (lambda r: r["analysis"].update(embedding="umap"), "analysis.embedding"),
+    (lambda r: r["datasets"]["digits"].update(attack_settings={"pgd": {"eps": 2.0}}),
+     "datasets.digits.attack_settings.pgd"),
+])
+def test_bad_config_names_the_key(edit, key):
+    raw = copy.deepcopy(digits_raw())
+    edit(raw)
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert key in str(info.value)
+
+
+def test_config_files_parse():
+    cfg = load_config(CONFIGS / "digits.toml")
+    ds = cfg.datasets[0]
+    assert cfg.seeds == (0, 1, 2) and ds.model_keys == ("clean", "badnets", "blend")
+    assert {"msp", "mahalanobis_penultimate"} <= set(ds.detectors)
+    assert ds.attack("cw").targeted and ds.attack("cw").settings["confidence"] == 0.0
+    from malex.attacks.backdoor import TRIGGERS
+    from malex.models import ARCHITECTURES
+
+    for name in ("mnist_gtsrb.toml", "cifar10.toml"):
+        raw = tomllib.loads((CONFIGS / name).read_text())
+        needed = {t.get("trigger", n) for n, t in raw.get("backdoors", {}).items()}
+        archs = {d["arch"] for d in raw["datasets"].values()}
+        if not needed <= set(TRIGGERS) or not archs <= set(ARCHITECTURES):
+            pytest.skip(f"{name} needs triggers {needed - set(TRIGGERS)} / archs {archs - set(ARCHITECTURES)}")
+        cfg = load_config(CONFIGS / name)
+        assert len(cfg.seeds) == 3
+        for ds in cfg.datasets:
+            assert {"msp", "mahalanobis_penultimate"} <= set(ds.detectors) and ds.guard
+
+
+# --- the floors ----------------------------------------------------------------------------------------------
+
+def test_msp_separates_low_confidence_inputs(study_run):
+    from malex.data import load_digits
+    from malex.detectors import make_detector
+    from malex.evaluate.metrics import auroc
+    from malex.models import load_model
+    from malex.models.inference import predict_logits
+
+    model, _ = load_model(study_run["out"] / "models/digits/seed0/clean.safetensors")
+    data = load_digits(0)
+    det = make_detector("msp", model)
+    with pytest.raises(NotFittedError):
+        det.score(det.observe(data.test.x[:4]))
+    det.fit(det.observe(data.val.x))
+    clean = det.score(det.observe(data.test.x))
+    # obviously low-confidence: each test digit averaged with a digit of another class
+    other = torch.roll(data.test.x, 1, 0)
+    mixed = 0.5 * data.test.x + 0.5 * other
+    keep = data.test.y != torch.roll(data.test.y, 1, 0)
+    low = det.score(det.observe(mixed[keep]))
+    assert auroc(clean, low) > 0.9
+    expected = 1.0 - torch.softmax(predict_logits(model, data.test.x).double(), 1).max(1).values.numpy()
+    np.testing.assert_allclose(clean, expected, atol=1e-6)
+    with pytest.raises(ConfigError):
+        make_detector("msp", model, temperature=-1.0)
+
+
+def test_penultimate_mahalanobis_reads_one_layer(digits_model):
+    from malex.detectors import make_detector
+    from malex.detectors.stats import penultimate_layer
+
+    det = make_detector("mahalanobis_penultimate", digits_model)
+    assert det.layers() == [penultimate_layer(digits_model)] == ["head.2"]
+    with pytest.raises(ConfigError):
+        make_detector("mahalanobis_penultimate", digits_model, layers=("features.4",))
+
+
+def test_unscored_inputs_count_as_flagged_and_seeds_use_sample_std():
+    from malex.evaluate.study.aggregate import fmt, mean_std
+    from malex.evaluate.study.runner import unscored_as_suspicious
+
+    clean, malicious, n = unscored_as_suspicious(np.array([0.1, 0.2, np.nan]), np.array([np.inf, 0.5, -np.inf]))
+    assert n == 3 and np.isfinite(clean).all() and np.isfinite(malicious).all()
+    assert clean[2] > 0.5 and malicious[0] > 0.5 and malicious[2] < 0.1
+    assert mean_std([1.0, 3.0]) == pytest.approx((2.0, 2 ** 0.5))
+    assert fmt(*mean_std([0.5])) == "0.500 ± –" and fmt(*mean_std([])) == "–"
