@@ -488,3 +488,29 @@ def test_cli_serve_refuses_a_port_in_use_and_bad_limits(files, monkeypatch, caps
     assert code == 2 and len(lines) == 1 and "cannot listen" in lines[0] and str(port) in lines[0]
     code, lines = _serve_main(monkeypatch, capsys, files["guard"], "--model", files["model"], "--max-batch", 0)
     assert code == 2 and len(lines) == 1 and "max_batch" in lines[0]
+
+
+def test_connections_of_the_listening_socket_have_nagle_off():
+    """Keep-alive answers must not wait for a delayed ACK (Nagle): asyncio sets TCP_NODELAY on the
+    connections only when the listening socket says it is TCP."""
+    from malex.serve.server import _bind
+
+    seen: list[int] = []
+
+    async def main() -> None:
+        def handle(reader, writer) -> None:
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=_bind("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0

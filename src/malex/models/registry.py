@@ -96,16 +96,23 @@ def mnist_cnn(input_shape=(1, 28, 28), num_classes: int = 10, mean=(0.1307,), st
 
 
 def gtsrb_vgg(
-    input_shape=(3, 32, 32), num_classes: int = 43, mean=(0.34, 0.31, 0.32), std=(0.27, 0.26, 0.27)
+    input_shape=(3, 32, 32), num_classes: int = 43, mean=(0.34, 0.31, 0.32), std=(0.27, 0.26, 0.27),
+    batch_norm: bool = True,
 ) -> Classifier:
-    """The study's GTSRB network: VGG-style conv 32-32-64-64-128-128 with pooling, FC512."""
+    """The study's GTSRB network: VGG-style conv 32-32-64-64-128-128 with pooling, FC512.
+
+    `batch_norm` (default) puts a batch-norm layer after every convolution: without it, on the full
+    GTSRB training split with Adam at lr 1e-3, the network reached 42% test accuracy after one epoch and
+    needed about ten epochs (some 50 minutes on 2 CPU cores) to converge; with it, a few epochs suffice.
+    It also gives IBD-PSC the batch-norm layers it scales."""
     c = input_shape[0]
+    block = _conv_bn if batch_norm else (lambda cin, cout: _conv_block(cin, cout, 3, 1))
     layers: list[nn.Module] = []
     cin = c
     for width in (32, 64, 128):
-        layers += _conv_block(cin, width, 3, 1) + _conv_block(width, width, 3, 1) + [nn.MaxPool2d(2)]
+        layers += block(cin, width) + block(width, width) + [nn.MaxPool2d(2)]
         cin = width
-    feats = nn.Sequential(*layers)
+    feats = nn.Sequential(*layers).to(memory_format=torch.channels_last)
     return _assemble(feats, tuple(input_shape), num_classes, 512, 0.5, mean, std)
 
 

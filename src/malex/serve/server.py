@@ -16,7 +16,9 @@ def _bind(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, or a ConfigError saying why it cannot be."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of a
+        # socket whose proto says TCP; with proto 0 every keep-alive response waited ~40 ms for a delayed ACK
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port} ({exc}); expected a local address") from exc
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
