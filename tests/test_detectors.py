@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from malex.detectors import SPRT, ModelMutation, MutationConfig, Strip, StripConfig, make_detector
+from malex.detectors.mutation import GaussianFuzzer
 from malex.detectors.strip import entropy
 from malex.errors import ConfigError, NotFittedError
 from malex.evaluate.metrics import auroc
@@ -58,12 +59,23 @@ def test_mutation_never_changes_the_guarded_model(setup, fit_and_score):
 
 def test_mutants_are_reproducible_and_follow_the_gaussian_fuzzing_rule(setup):
     det = ModelMutation(setup["model"], MutationConfig(strength=0.5, seed=3))
-    a, b = det.fuzzer.mutants(range(4)), det.fuzzer.mutants(range(4))
+    uncached = ModelMutation(setup["model"], MutationConfig(strength=0.5, seed=3, cache_mb=0))
+    a, b = det.fuzzer.mutants(range(4)), uncached.fuzzer.mutants(range(4))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert det.fuzzer.mutants(range(4)) is a  # kept, not drawn again
+    assert uncached.fuzzer.mutants(range(4)) is not b
     w = setup["model"].head[1].weight.detach()
     noise = a["1.weight"] - w.unsqueeze(0)
     assert noise.mean().item() == pytest.approx(w.mean().item(), abs=2e-3)
     assert noise.std().item() == pytest.approx(0.5 * w.max().item(), rel=0.02)
+
+
+def test_the_mutant_cache_stays_within_its_budget(setup):
+    per = GaussianFuzzer(setup["model"].head, 0.5, 0).bytes_per_mutant
+    fuzzer = GaussianFuzzer(setup["model"].head, 0.5, 0, cache_bytes=5 * per)
+    kept = fuzzer.mutants(range(0, 4))
+    assert fuzzer.mutants(range(0, 4)) is kept
+    assert fuzzer.mutants(range(4, 8)) is not fuzzer.mutants(range(4, 8))  # 8 mutants would exceed 5
 
 
 def test_head_only_mutants_give_the_labels_of_full_mutated_models(setup):

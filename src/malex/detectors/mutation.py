@@ -51,11 +51,14 @@ class MutationConfig:
     sequential: bool = True
     seed: int = 0
     batch_size: int = 2048
+    cache_mb: float = 256.0  # memory for drawn mutants, kept between calls (0: draw them at every call)
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.strength <= 0 or self.max_mutants < 1 or self.chunk < 1 or self.batch_size < 1:
-            raise ConfigError(f"invalid mutation settings {self}; expected strength > 0, counts >= 1")
+        if (self.strength <= 0 or self.max_mutants < 1 or self.chunk < 1 or self.batch_size < 1
+                or not self.cache_mb >= 0):
+            raise ConfigError(f"invalid mutation settings {self}; expected strength > 0, counts >= 1, "
+                              "cache_mb >= 0")
         if self.suspicious not in ("high", "low"):
             raise ConfigError(f"suspicious is {self.suspicious!r}; expected 'high' or 'low'")
         if self.target_clean_lcr is not None and not 0 < self.target_clean_lcr < 1:
@@ -88,18 +91,24 @@ def mutation_target(model: nn.Module) -> tuple[nn.Module, str | None]:
 
 
 class GaussianFuzzer:
-    """Deterministic Gaussian-fuzzed copies of a module's dense-layer weights, as stacked parameters."""
+    """Deterministic Gaussian-fuzzed copies of a module's dense-layer weights, as stacked parameters.
 
-    def __init__(self, module: nn.Module, strength: float, seed: int) -> None:
+    Drawing the noise costs more than running the mutants on cached head inputs, so drawn mutants are
+    kept, up to `cache_bytes` (beyond that they are drawn again at every call; the values are the same
+    either way)."""
+
+    def __init__(self, module: nn.Module, strength: float, seed: int, cache_bytes: int = 0) -> None:
         self.strength = strength
         self.seed = seed
         self.weights = {
             f"{n}.weight": m.weight.detach() for n, m in module.named_modules() if isinstance(m, nn.Linear)
         }
         self.stats = {k: (float(w.mean()), float(w.max()) * strength) for k, w in self.weights.items()}
+        self.bytes_per_mutant = sum(w.numel() * w.element_size() for w in self.weights.values())
+        self._room = max(cache_bytes, 0) // max(self.bytes_per_mutant, 1)  # mutants the cache may still take
+        self._cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
-    def mutants(self, ids: range) -> dict[str, torch.Tensor]:
-        """Parameters of mutants `ids`, each stacked along a new first dimension."""
+    def _draw(self, ids: range) -> dict[str, torch.Tensor]:
         stacked: dict[str, list[torch.Tensor]] = {k: [] for k in self.weights}
         for i in ids:
             gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + i)
@@ -108,6 +117,17 @@ class GaussianFuzzer:
                 noise = torch.randn(w.shape, generator=gen) * std + mean
                 stacked[k].append(w + noise.to(w.device))
         return {k: torch.stack(v) for k, v in stacked.items()}
+
+    def mutants(self, ids: range) -> dict[str, torch.Tensor]:
+        """Parameters of mutants `ids`, each stacked along a new first dimension (do not modify them)."""
+        key = (ids.start, ids.stop)
+        if ids.step == 1 and key in self._cache:
+            return self._cache[key]
+        params = self._draw(ids)
+        if ids.step == 1 and len(ids) <= self._room:
+            self._cache[key] = params
+            self._room -= len(ids)
+        return params
 
 
 class ModelMutation(Detector):
@@ -120,7 +140,10 @@ class ModelMutation(Detector):
         super().__init__(model)
         self.config = config
         self.module, self.input_layer = mutation_target(model)
-        self.fuzzer = GaussianFuzzer(self.module, config.strength, config.seed)
+        self.fuzzer = self._fuzzer(config.strength)
+
+    def _fuzzer(self, strength: float) -> GaussianFuzzer:
+        return GaussianFuzzer(self.module, strength, self.config.seed, int(self.config.cache_mb * 2**20))
 
     @property
     def strength(self) -> float:
@@ -128,7 +151,7 @@ class ModelMutation(Detector):
         return self.fuzzer.strength
 
     def _set_strength(self, strength: float) -> None:
-        self.fuzzer = GaussianFuzzer(self.module, strength, self.config.seed)
+        self.fuzzer = self._fuzzer(strength)
 
     def layers(self) -> list[str]:
         return [self.input_layer] if self.input_layer else []
