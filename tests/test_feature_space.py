@@ -15,7 +15,7 @@ import torch
 
 from malex.detectors.kd_bu import KDBU, KDBUConfig
 from malex.detectors.lid import LID, LIDConfig, knn_distances, lid_mle
-from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig
+from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig, class_distances, tied_precision, whitened
 from malex.detectors.stats import BoundedSample, ClassMoments, RunningMoments
 from malex.errors import ConfigError, NotFittedError
 from malex.evaluate.metrics import auroc
@@ -281,3 +281,20 @@ def test_unfitted_detectors_raise(setup, name):
 def test_bad_settings_raise_config_errors(setup, bad):
     with pytest.raises(ConfigError):
         bad(setup["model"])
+
+
+@pytest.mark.parametrize("n, d", [(200, 16), (30, 64)])  # full rank, and rank-deficient (fewer inputs than dims)
+def test_whitened_distances_equal_the_quadratic_form(n, d):
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(n, d, generator=gen, dtype=torch.float64) @ torch.randn(d, d, generator=gen, dtype=torch.float64)
+    labels = torch.arange(n) % 3
+    moments = ClassMoments(4, d)  # class 3 never seen
+    moments.update(feats, labels)
+    precision = tied_precision(moments.tied_covariance())
+    present = moments.counts > 0
+    query = torch.randn(50, d, generator=gen, dtype=torch.float64) * 3
+    got = class_distances(query, whitened(moments.means, precision, present))
+    diff = query.unsqueeze(1) - moments.means.to(torch.float64).unsqueeze(0)
+    want = torch.einsum("nkd,de,nke->nk", diff, precision, diff)
+    assert torch.isinf(got[:, 3]).all()
+    assert torch.allclose(got[:, :3], want[:, :3], rtol=1e-8, atol=1e-8 * float(want[:, :3].abs().max()))

@@ -58,7 +58,8 @@ from malex.errors import ConfigError, InputError
 from malex.probe import INPUT_SUFFIX, Observation, default_layers
 
 
-#: per layer: class means (K, d), precision (d, d), classes present (K,)
+#: per layer, whitened: class means times the whitener (K, r), the whitener W (d, r) with W W^T = precision,
+#: and the classes present (K,)
 LayerParams = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -100,12 +101,28 @@ def tied_precision(covariance: torch.Tensor, ridge: float = 0.0) -> torch.Tensor
     return (prec + prec.T) / 2
 
 
-def class_distances(
-    f: torch.Tensor, means: torch.Tensor, precision: torch.Tensor, present: torch.Tensor
-) -> torch.Tensor:
-    """(N, K) squared Mahalanobis distances of rows `f` to every class mean; +inf for absent classes."""
-    diff = f.to(precision.dtype).unsqueeze(1) - means.to(precision.dtype).unsqueeze(0)  # (N, K, d)
-    d2 = torch.einsum("nkd,de,nke->nk", diff, precision, diff).clamp_min(0)
+def whitener(precision: torch.Tensor) -> torch.Tensor:
+    """W (d, r), float64, with W W^T = `precision` (symmetric PSD) and r its numerical rank, so that
+    (f - mu)^T P (f - mu) = ||(f - mu) W||^2."""
+    vals, vecs = torch.linalg.eigh(precision.to(torch.float64))
+    keep = vals > vals.abs().max().clamp_min(1e-300) * precision.shape[0] * torch.finfo(torch.float64).eps
+    return vecs[:, keep] * vals[keep].sqrt()
+
+
+def whitened(means: torch.Tensor, precision: torch.Tensor, present: torch.Tensor) -> LayerParams:
+    """The per-layer parameters `class_distances` takes, from class means, precision and presence."""
+    w = whitener(precision)
+    return means.to(torch.float64) @ w, w, present
+
+
+def class_distances(f: torch.Tensor, params: LayerParams) -> torch.Tensor:
+    """(N, K) squared Mahalanobis distances of rows `f` to every class mean; +inf for absent classes.
+
+    Computed in the whitened space, ||f W - mu_c W||^2: one (N, d) x (d, r) product for all classes
+    instead of one quadratic form per class."""
+    centers, w, present = params
+    z = f.to(w.dtype) @ w
+    d2 = (z.unsqueeze(1) - centers.unsqueeze(0)).square().sum(dim=2)
     return d2.masked_fill(~present.unsqueeze(0), float("inf"))
 
 
@@ -158,6 +175,7 @@ class Mahalanobis(LayerwiseDetector):
         self.means_ = {n: s.means.clone() for n, s in full.items()}
         self.precision_ = {n: tied_precision(s.tied_covariance(), self.config.ridge) for n, s in full.items()}
         self.coef_ = self.intercept_ = None
+        self._whitened = {}
 
         # Clean score statistics: each input is scored by the model fitted without its fold.
         if n_folds == 1:
@@ -170,7 +188,7 @@ class Mahalanobis(LayerwiseDetector):
                     held_out.append(self._params())
                     continue
                 held_out.append({
-                    n: (m.means, tied_precision(m.tied_covariance(), self.config.ridge), m.counts > 0)
+                    n: whitened(m.means, tied_precision(m.tied_covariance(), self.config.ridge), m.counts > 0)
                     for n, m in rest.items()
                 })
         moments = RunningMoments(len(self._layers), diagonal=True)
@@ -184,14 +202,22 @@ class Mahalanobis(LayerwiseDetector):
         return self
 
     def _params(self) -> dict[str, LayerParams]:
-        present = self.class_counts_ > 0
-        return {n: (self.means_[n], self.precision_[n], present) for n in self.layers_}
+        """Whitened parameters of every layer, computed once after each fit or restore."""
+        cache = getattr(self, "_whitened", None)
+        if cache is None:
+            cache = self._whitened = {}
+        for n in self.layers_:
+            if n not in cache:
+                cache[n] = whitened(self.means_[n], self.precision_[n], self.class_counts_ > 0)
+        return {n: cache[n] for n in self.layers_}
+
+    def _after_restore(self) -> None:
+        self._whitened = {}
 
     def distances(self, obs: Observation, layer: str) -> torch.Tensor:
         """(N, K) squared Mahalanobis distances of the captured features at `layer` to each class mean."""
         self.check_fitted()
-        f = feature_matrix(obs.layer(layer), pool=True)
-        return class_distances(f, self.means_[layer], self.precision_[layer], self.class_counts_ > 0)
+        return class_distances(feature_matrix(obs.layer(layer), pool=True), self._params()[layer])
 
     def _raw_scores(self, obs: Observation) -> np.ndarray:
         return self._scores_with(obs, self._params())
@@ -200,14 +226,13 @@ class Mahalanobis(LayerwiseDetector):
         """(N, L) minimum squared distances under the given per-layer (means, precision, present)."""
         cols = []
         for name in self.layers():
-            means, precision, present = params[name]
             out = []
             for sl in batches(len(obs), self.batch_size):
                 if self.config.noise_magnitude > 0:
-                    f = self._preprocessed_features(obs.x[sl], name, means, precision, present)
+                    f = self._preprocessed_features(obs.x[sl], name, params[name])
                 else:
                     f = feature_matrix(obs.layer(name)[sl], pool=True)
-                out.append(class_distances(f, means, precision, present).min(dim=1).values)
+                out.append(class_distances(f, params[name]).min(dim=1).values)
             cols.append(torch.cat(out) if out else torch.empty(0, dtype=torch.float64))
         return torch.stack(cols, dim=1).double().numpy()
 
@@ -225,15 +250,13 @@ class Mahalanobis(LayerwiseDetector):
             handle.remove()
         return feature_matrix(store[0], pool=True)
 
-    def _preprocessed_features(
-        self, x: torch.Tensor, layer: str, means: torch.Tensor, precision: torch.Tensor, present: torch.Tensor
-    ) -> torch.Tensor:
+    def _preprocessed_features(self, x: torch.Tensor, layer: str, params: LayerParams) -> torch.Tensor:
         """Features at `layer` of x - eps * sign(grad_x min_c M_c(x)) (Lee et al., Eq. 4)."""
         device = model_device(self.model)
-        means, prec, present = means.to(device), precision.to(device), present.to(device)
+        params = tuple(t.to(device) for t in params)
         with preserved_modes(self.model), torch.enable_grad():
             xg = x.to(device).detach().clone().requires_grad_(True)
-            d2 = class_distances(self._layer_output(xg, layer), means, prec, present).min(dim=1).values
+            d2 = class_distances(self._layer_output(xg, layer), params).min(dim=1).values
             (grad,) = torch.autograd.grad(d2.sum(), xg)
             x_pre = (xg - self.config.noise_magnitude * grad.sign()).detach()
             with torch.no_grad():
