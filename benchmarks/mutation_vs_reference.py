@@ -454,8 +454,8 @@ def main(argv: list[str] | None = None) -> None:
         "of mutants per input.".replace("{b}", str(args.batch)),
         (f"At batch 1 malex spends {fmt_ms(probe_1)} ms per input in the probe pass and {fmt_ms(test_1)} ms in "
         f"`det.test` for {chunks_1:.1f} chunks of {cfg.chunk} mutants, i.e. {fmt_ms(test_1 / chunks_1)} ms per "
-        "chunk: per-call overhead (vmap over `functional_call`, eval-mode switching, SPRT bookkeeping), not "
-        "arithmetic, dominates there."),
+        "chunk (the head products of the chunk's mutants for one input, plus fixed per-call costs: Python "
+        "dispatch, SPRT bookkeeping)."),
         (f"One-off: malex draws its {cfg.max_mutants} mutants in {t_draw:.2f} s and keeps "
         f"{cfg.max_mutants * fresh.bytes_per_mutant / 2**20:.1f} MiB of dense weights; the reference builds "
         f"{cfg.max_mutants} full copies in {t_build:.2f} s ({cfg.max_mutants * bytes_full / 2**20:.1f} MiB)."),

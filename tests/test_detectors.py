@@ -93,6 +93,16 @@ def test_head_only_mutants_give_the_labels_of_full_mutated_models(setup):
         assert torch.equal(flips[i], predict(mutant, x) != obs.pred)
 
 
+def test_batched_head_products_give_the_labels_of_functional_calls(setup, monkeypatch):
+    model = setup["model"]
+    det = ModelMutation(model, MutationConfig(strength=0.65))
+    assert det._stackable
+    obs = Probe(model, det.layers()).run(setup["clean"][:64])
+    fast = det._flips(obs.layer("head:in"), obs.pred, range(10))
+    monkeypatch.setattr(ModelMutation, "_stackable", property(lambda self: False))
+    assert torch.equal(fast, det._flips(obs.layer("head:in"), obs.pred, range(10)))
+
+
 def test_low_lcr_side_separates_backdoor_inputs(setup, fit_and_score):
     s = fit_and_score(make_detector("mutation_bd", setup["model"]), setup, kinds=("clean", "backdoor"))
     assert auroc(s["clean"], s["backdoor"]) >= 0.9

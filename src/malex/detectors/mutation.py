@@ -159,20 +159,51 @@ class ModelMutation(Detector):
     def _flips(self, inputs: torch.Tensor, base: torch.Tensor, ids: range) -> torch.Tensor:
         """(len(ids), N) bool: does mutant i change the label of input j?"""
         params = self.fuzzer.mutants(ids)
-        fixed = {n: p.detach() for n, p in self.module.named_parameters() if n not in params}
-        fixed.update({n: b for n, b in self.module.named_buffers()})
         device = next(iter(params.values())).device
+        if self._stackable:
+            labels = self._stacked_labels
+        else:
+            fixed = {n: p.detach() for n, p in self.module.named_parameters() if n not in params}
+            fixed.update({n: b for n, b in self.module.named_buffers()})
 
-        def labels(mutant: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.module, {**fixed, **mutant}, (xb,)).argmax(dim=-1)
+            def one(mutant: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+                return functional_call(self.module, {**fixed, **mutant}, (xb,)).argmax(dim=-1)
 
+            labels = vmap(one, in_dims=(0, None))
         out = []
         with torch.no_grad(), eval_mode(self.module):
             for start in range(0, inputs.shape[0], self.config.batch_size):
                 xb = inputs[start : start + self.config.batch_size].to(device)
-                pred = vmap(labels, in_dims=(0, None))(params, xb).cpu()
+                pred = labels(params, xb).cpu()
                 out.append(pred != base[start : start + self.config.batch_size].view(1, -1))
         return torch.cat(out, dim=1)
+
+    def _stacked_labels(self, params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        """(M, N) labels of M mutants of a plain sequential head, as batched matrix products (the same
+        arithmetic as `vmap` over `functional_call`, without its per-call dispatch)."""
+        h = xb
+        for name, child in self.module.named_children():
+            if isinstance(child, nn.Linear):
+                w = params.get(f"{name}.weight", child.weight)
+                h = torch.matmul(h, w.transpose(-1, -2))
+                if child.bias is not None:
+                    h = h + child.bias
+            elif isinstance(child, nn.ReLU):
+                h = torch.relu(h)
+            elif not isinstance(child, (nn.Dropout, nn.Identity)):  # before the first dense layer
+                h = child(h)
+        return h.argmax(dim=-1)
+
+    @property
+    def _stackable(self) -> bool:
+        """Is the mutated module a sequence of layers that `_stacked_labels` runs exactly (in eval mode)?"""
+        if not isinstance(self.module, nn.Sequential):
+            return False
+        children = list(self.module.children())
+        first = next((i for i, c in enumerate(children) if isinstance(c, nn.Linear)), None)
+        return first is not None and all(
+            isinstance(c, (nn.Linear, nn.ReLU, nn.Dropout, nn.Identity)) for c in children[first:]
+        ) and all(isinstance(c, (nn.Flatten, nn.Identity)) for c in children[:first])
 
     def test(self, obs: Observation, sequential: bool | None = None) -> MutationTest:
         """Run the mutants over the inputs of `obs`, stopping each input early when the SPRT decides."""
