@@ -268,3 +268,25 @@ def test_unscored_inputs_count_as_flagged_and_seeds_use_sample_std():
     assert clean[2] > 0.5 and malicious[0] > 0.5 and malicious[2] < 0.1
     assert mean_std([1.0, 3.0]) == pytest.approx((2.0, 2 ** 0.5))
     assert fmt(*mean_std([0.5])) == "0.500 ± –" and fmt(*mean_std([])) == "–"
+
+
+def test_floor_and_claim_tables_compare_the_right_rows():
+    from malex.evaluate.study.aggregate import claim_table, floor_table
+
+    def row(attack, kind, detector, auroc, tpr1=0.5, acc=0.9):
+        return {"dataset": "d", "attack": attack, "kind": kind, "detector": detector, "auroc": (auroc, 0.01),
+                "tpr_at_1fpr": (tpr1, 0.0), "detection_accuracy": (acc, 0.0)}
+
+    summary = [
+        row("bd", "backdoor", "msp", 0.70), row("bd", "backdoor", "mahalanobis_penultimate", 0.99),
+        row("bd", "backdoor", "lid", 0.98), row("bd", "backdoor", "guard", 0.999, acc=0.97),
+        row("adv", "adversarial", "msp", 0.90), row("adv", "adversarial", "mahalanobis_penultimate", 0.80),
+        row("adv", "adversarial", "nic", 0.95), row("adv", "adversarial", "guard", 1.0, acc=0.80),
+    ]
+    floors = ("msp", "mahalanobis_penultimate")
+    _, body = floor_table(summary, "d", floors)
+    assert body[0][1].startswith("mahalanobis_penultimate: 0.990") and body[0][2].startswith("lid: 0.980")
+    assert body[0][4] == "below (-0.010)" and body[1][4] == "above (+0.050)"
+    _, claim = claim_table(summary, "d", floors)
+    assert claim[0][0].startswith("backdoor") and claim[0][2].startswith("0.970")
+    assert claim[1][0].startswith("adversarial") and claim[1][2].startswith("0.800") and claim[1][4].startswith("0.950")

@@ -48,6 +48,8 @@ DETECTORS: dict[str, Callable[..., Detector]] = {
     "msp": lambda model, **kw: MSP(model, MSPConfig(**kw)),
     "mahalanobis_penultimate": lambda model, **kw: Mahalanobis.penultimate(model, **kw),
 }
+#: the plain baselines that need no method at all; a detector earns its place where it beats them
+FLOORS: tuple[str, ...] = ("msp", "mahalanobis_penultimate")
 
 
 def make_detector(name: str, model: nn.Module, **settings) -> Detector:
@@ -61,7 +63,7 @@ def make_detector(name: str, model: nn.Module, **settings) -> Detector:
 
 
 __all__ = [
-    "DETECTORS", "IBDPSC", "IBDPSCConfig", "NIC", "NICConfig", "FeatureSqueezing", "SqueezeConfig", "ScaleUp",
+    "DETECTORS", "FLOORS", "IBDPSC", "IBDPSCConfig", "NIC", "NICConfig", "FeatureSqueezing", "SqueezeConfig", "ScaleUp",
     "ScaleUpConfig", "KDBU", "LID", "SPRT", "Detector", "KDBUConfig", "LIDConfig", "Mahalanobis", "MahalanobisConfig", "ModelMutation", "MSP", "MSPConfig", "MutationConfig", "MutationTest", "Strip", "StripConfig",
     "Threshold", "calibrate", "make_detector",
 ]

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from rich.table import Table
 
+from malex.detectors import FLOORS
 from malex.evaluate.study.cache import atomic_write_bytes
 
 #: (metrics.json key, column title) of the numbers every detector and guard row reports
@@ -154,6 +155,69 @@ def attack_table(summary: Sequence[dict[str, Any]], dataset: str, attack: str) -
     return header, body
 
 
+#: AUROC difference (best detector - best floor) within which the two are called level
+LEVEL = 0.005
+
+
+def _best(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row with the highest mean AUROC (ties: higher TPR at 1% FPR)."""
+    scored = [r for r in rows if math.isfinite(r["auroc"][0])]
+    return max(scored, key=lambda r: (r["auroc"][0], r["tpr_at_1fpr"][0])) if scored else None
+
+
+def _auroc_tpr(row: dict[str, Any] | None, name: bool = True) -> str:
+    if row is None:
+        return "–"
+    text = f"{fmt(*row['auroc'])} / {fmt(*row['tpr_at_1fpr'])}"
+    return f"{row['detector']}: {text}" if name else text
+
+
+def floor_table(summary: Sequence[dict[str, Any]], dataset: str, floors: Sequence[str], guard: str = "guard"
+                ) -> tuple[list[str], list[list[str]]]:
+    """Per attack: the best floor, the best other detector and the guard (AUROC / TPR at 1% FPR), and whether
+    the best detector beats the best floor (by more than LEVEL in mean AUROC)."""
+    header = ["attack", "best floor: AUROC / TPR@1%", "best detector: AUROC / TPR@1%", "guard: AUROC / TPR@1%",
+              "best detector vs floor"]
+    body = []
+    for attack in _ordered(s["attack"] for s in summary if s["dataset"] == dataset):
+        rows = [s for s in summary if s["dataset"] == dataset and s["attack"] == attack]
+        floor = _best([r for r in rows if r["detector"] in floors])
+        method = _best([r for r in rows if r["detector"] not in floors and r["detector"] != guard])
+        guard_row = next((r for r in rows if r["detector"] == guard), None)
+        if floor is None or method is None:
+            verdict = "–"
+        else:
+            gap = method["auroc"][0] - floor["auroc"][0]
+            verdict = ("above" if gap > LEVEL else "below" if gap < -LEVEL else "level") + f" ({gap:+.3f})"
+        body.append([f"{attack} ({rows[0]['kind']})", _auroc_tpr(floor), _auroc_tpr(method),
+                     _auroc_tpr(guard_row, name=False), verdict])
+    return header, body
+
+
+def claim_table(summary: Sequence[dict[str, Any]], dataset: str, floors: Sequence[str], guard: str = "guard"
+                ) -> tuple[list[str], list[list[str]]]:
+    """The study's claim, per kind of attack: the mean over attacks of the guard's detection accuracy and
+    AUROC, and of the best single detector's AUROC (floors excluded)."""
+    header = ["attacks", "n", "guard detection acc.", "guard AUROC", "best detector AUROC"]
+    body = []
+    for kind in ("backdoor", "adversarial"):
+        attacks = _ordered(s["attack"] for s in summary if s["dataset"] == dataset and s["kind"] == kind)
+        acc, auc, best = [], [], []
+        for attack in attacks:
+            rows = [s for s in summary if s["dataset"] == dataset and s["attack"] == attack]
+            g = next((r for r in rows if r["detector"] == guard), None)
+            if g is not None:
+                acc.append(g["detection_accuracy"][0])
+                auc.append(g["auroc"][0])
+            b = _best([r for r in rows if r["detector"] not in floors and r["detector"] != guard])
+            if b is not None:
+                best.append(b["auroc"][0])
+        if attacks:
+            body.append([f"{kind}: {', '.join(attacks)}", str(len(attacks)), fmt(*mean_std(acc)),
+                         fmt(*mean_std(auc)), fmt(*mean_std(best))])
+    return header, body
+
+
 def models_table(models: Sequence[dict[str, Any]], dataset: str) -> tuple[list[str], list[list[str]]]:
     header = ["model", "clean accuracy", "attack success rate", "seeds"]
     body = [[m["model"], fmt(*m["clean_accuracy"]), fmt(*m["attack_success_rate"]), str(m["seeds"])]
@@ -199,7 +263,14 @@ def markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
     for dataset in datasets_of(cells):
         lines += [f"## {dataset}", "", "### Models", "", markdown_table(*models_table(models, dataset)), "",
                   "### Attacks", "", markdown_table(*attacks_table(attacks, dataset)), "",
-                  "### AUROC", "", markdown_table(*auroc_matrix(summary, dataset)), ""]
+                  "### AUROC", "", markdown_table(*auroc_matrix(summary, dataset)), "",
+                  "### Against the floor", "",
+                  f"The floors are {', '.join(FLOORS)}. 'above' / 'below': the best other detector's mean AUROC "
+                  f"is more than {LEVEL} above / below the best floor's.", "",
+                  markdown_table(*floor_table(summary, dataset, FLOORS)), "",
+                  "### The study's claim: backdoor inputs are detected more accurately than adversarial ones", "",
+                  "Means over the attacks of each kind (the ± here is the spread over attacks, not seeds).", "",
+                  markdown_table(*claim_table(summary, dataset, FLOORS)), ""]
         for attack in _ordered(s["attack"] for s in summary if s["dataset"] == dataset):
             kind = next(s["kind"] for s in summary if s["dataset"] == dataset and s["attack"] == attack)
             lines += [f"### {attack} ({kind})", "", markdown_table(*attack_table(summary, dataset, attack)), ""]
