@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from malex.detectors.kd_bu import KDBU, KDBUConfig
-from malex.detectors.lid import LID, LIDConfig, knn_distances, lid_mle
+from malex.detectors.lid import LID, LIDConfig, NeighbourIndex, knn_distances, lid_mle
 from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig, class_distances, tied_precision, whitened
 from malex.detectors.stats import BoundedSample, ClassMoments, RunningMoments
 from malex.errors import ConfigError, NotFittedError
@@ -298,3 +298,21 @@ def test_whitened_distances_equal_the_quadratic_form(n, d):
     want = torch.einsum("nkd,de,nke->nk", diff, precision, diff)
     assert torch.isinf(got[:, 3]).all()
     assert torch.allclose(got[:, :3], want[:, :3], rtol=1e-8, atol=1e-8 * float(want[:, :3].abs().max()))
+
+
+def test_neighbour_index_matches_an_exact_search():
+    gen = torch.Generator().manual_seed(1)
+    base = torch.relu(torch.randn(800, 300, generator=gen)) * 5 + 3  # offset, non-negative, like ReLU maps
+    ref = torch.cat([base[:600], base[:3].repeat(8, 1)])  # rows 0-2 appear 9 times: more than the margin
+    query = torch.cat([
+        base[:40],  # reference inputs scored again (copies are skipped)
+        base[100:140] + 1e-3 * torch.randn(40, 300, generator=gen),  # very close neighbours
+        base[600:800],  # unseen inputs
+    ])
+    got = NeighbourIndex(ref).distances(query, k=20)
+    want = knn_distances(query, ref, k=20)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got[40:80, 0], want[40:80, 0], rtol=1e-9)  # very close ones: measured in float64
+    assert torch.allclose(got, want, rtol=1e-5)
+    lid_got, lid_want = lid_mle(got), lid_mle(want)
+    assert float(((lid_got - lid_want).abs() / lid_want).max()) < 1e-4
