@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from malex.attacks.adversarial import make_adversarial
 from malex.errors import ConfigError, InputError, ModelFileError, NotFittedError
 from malex.guard import Guard, GuardConfig
-from malex.guard.guard import calibrate_guard, combine_pvalues
+from malex.guard.guard import calibrate_guard, combine_pvalues, in_sample_guard_scores
 from malex.guard.pvalues import conformal_pvalues, in_sample_pvalues, in_sample_tail_pvalues, tail_pvalues
 from malex.models import build_model
 from malex.models.inference import predict
@@ -50,6 +50,20 @@ def test_in_sample_tail_pvalues_leave_each_score_out():
     cal = np.random.default_rng(1).exponential(size=60)
     loo = [tail_pvalues(np.delete(cal, i), cal[i : i + 1])[0] for i in range(cal.size)]
     np.testing.assert_allclose(in_sample_tail_pvalues(cal), loo)
+
+
+def test_a_score_far_beyond_tied_clean_scores_gives_a_finite_guard_score():
+    """A discrete detector whose clean calibration scores all tie (scale falls back to a tiny std) puts a
+    far score's tail p-value below the smallest float; the guard must still calibrate and rank it."""
+    tied = np.zeros(100)
+    far = tail_pvalues(tied, np.array([0.0, 1.0]))
+    assert far[1] == 0.0  # underflows
+    cal = {"tied": tied, "smooth": np.random.default_rng(0).normal(size=100)}
+    guard = combine_pvalues({"tied": far, "smooth": np.array([0.5, 0.5])})
+    assert np.isfinite(guard).all() and guard[1] > guard[0]
+    scores = in_sample_guard_scores({**cal, "tied": np.r_[np.zeros(99), 1.0]})
+    assert np.isfinite(scores).all()
+    assert calibrate_guard(cal, 0.05) is not None
 
 
 def test_guard_false_positive_rate_on_unseen_clean_inputs_is_near_target(setup):

@@ -102,8 +102,11 @@ class Screening:
 
 
 def combine_pvalues(pvalues: dict[str, np.ndarray]) -> np.ndarray:
-    """The guard score: Fisher's -2 sum(ln p) over the detectors (higher = more suspicious)."""
-    return -2.0 * np.sum(np.log(np.stack(list(pvalues.values()))), axis=0)
+    """The guard score: Fisher's -2 sum(ln p) over the detectors (higher = more suspicious). p-values are
+    floored at the smallest normal float, so a score far beyond every clean one (whose tail p-value
+    underflows to 0) counts as very suspicious, not as infinite."""
+    p = np.maximum(np.stack(list(pvalues.values())), np.finfo(np.float64).tiny)
+    return -2.0 * np.sum(np.log(p), axis=0)
 
 
 def in_sample_guard_scores(calibration: dict[str, np.ndarray]) -> np.ndarray:
