@@ -15,7 +15,7 @@ import torch
 
 from malex.detectors.kd_bu import KDBU, KDBUConfig
 from malex.detectors.lid import LID, LIDConfig, NeighbourIndex, knn_distances, lid_mle
-from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig, class_distances, tied_precision, whitened
+from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig, class_distances, layer_params, tied_precision, tied_whitener
 from malex.detectors.stats import BoundedSample, ClassMoments, RunningMoments
 from malex.errors import ConfigError, NotFittedError
 from malex.evaluate.metrics import auroc
@@ -291,9 +291,11 @@ def test_whitened_distances_equal_the_quadratic_form(n, d):
     moments = ClassMoments(4, d)  # class 3 never seen
     moments.update(feats, labels)
     precision = tied_precision(moments.tied_covariance())
+    pinv = torch.linalg.pinv(moments.tied_covariance(), hermitian=True)
+    assert torch.allclose(precision, pinv, rtol=1e-6, atol=1e-9 * float(pinv.abs().max()))
     present = moments.counts > 0
     query = torch.randn(50, d, generator=gen, dtype=torch.float64) * 3
-    got = class_distances(query, whitened(moments.means, precision, present))
+    got = class_distances(query, layer_params(moments.means, tied_whitener(moments.tied_covariance()), present))
     diff = query.unsqueeze(1) - moments.means.to(torch.float64).unsqueeze(0)
     want = torch.einsum("nkd,de,nke->nk", diff, precision, diff)
     assert torch.isinf(got[:, 3]).all()

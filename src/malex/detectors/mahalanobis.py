@@ -91,28 +91,28 @@ class MahalanobisConfig:
             raise ConfigError(f"batch_size {self.batch_size} and folds {self.folds} must be at least 1")
 
 
-def tied_precision(covariance: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """pinv(Sigma + ridge * trace(Sigma)/d * I), symmetric, float64."""
+def tied_whitener(covariance: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """W (d, r), float64, from one eigendecomposition of Sigma + ridge * trace(Sigma)/d * I, such that
+    W W^T is its Moore-Penrose pseudo-inverse (eigenvalues below d * eps * the largest count as zero, as
+    in `torch.linalg.pinv`) and r is its numerical rank: (f - mu)^T Sigma^+ (f - mu) = ||(f - mu) W||^2."""
     cov = covariance.to(torch.float64)
     d = cov.shape[0]
     if ridge > 0:
         cov = cov + torch.eye(d, dtype=cov.dtype) * (ridge * float(torch.diagonal(cov).mean()))
-    prec = torch.linalg.pinv(cov, hermitian=True)
-    return (prec + prec.T) / 2
+    vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
+    keep = vals > vals.abs().max().clamp_min(1e-300) * d * torch.finfo(torch.float64).eps
+    return vecs[:, keep] / vals[keep].sqrt()
 
 
-def whitener(precision: torch.Tensor) -> torch.Tensor:
-    """W (d, r), float64, with W W^T = `precision` (symmetric PSD) and r its numerical rank, so that
-    (f - mu)^T P (f - mu) = ||(f - mu) W||^2."""
-    vals, vecs = torch.linalg.eigh(precision.to(torch.float64))
-    keep = vals > vals.abs().max().clamp_min(1e-300) * precision.shape[0] * torch.finfo(torch.float64).eps
-    return vecs[:, keep] * vals[keep].sqrt()
+def tied_precision(covariance: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """pinv(Sigma + ridge * trace(Sigma)/d * I), symmetric, float64."""
+    w = tied_whitener(covariance, ridge)
+    return w @ w.T
 
 
-def whitened(means: torch.Tensor, precision: torch.Tensor, present: torch.Tensor) -> LayerParams:
-    """The per-layer parameters `class_distances` takes, from class means, precision and presence."""
-    w = whitener(precision)
-    return means.to(torch.float64) @ w, w, present
+def layer_params(means: torch.Tensor, whitener: torch.Tensor, present: torch.Tensor) -> LayerParams:
+    """The per-layer parameters `class_distances` takes: whitened class means, the whitener, presence."""
+    return means.to(torch.float64) @ whitener, whitener, present
 
 
 def class_distances(f: torch.Tensor, params: LayerParams) -> torch.Tensor:
@@ -130,7 +130,7 @@ class Mahalanobis(LayerwiseDetector):
     """Minimum class-conditional Mahalanobis distance per layer with a tied covariance, fitted on clean data."""
 
     name = "mahalanobis"
-    fitted_attributes = ("layers_", "means_", "precision_", "class_counts_") + LayerwiseDetector.common_attributes
+    fitted_attributes = ("layers_", "means_", "whitener_", "class_counts_") + LayerwiseDetector.common_attributes
 
     def __init__(self, model: nn.Module, config: MahalanobisConfig = MahalanobisConfig()) -> None:
         super().__init__(model)
@@ -158,7 +158,9 @@ class Mahalanobis(LayerwiseDetector):
             raise InputError(f"Mahalanobis needs at least 2 clean inputs to fit; got {len(clean)}")
         num_classes = int(clean.logits.shape[1])
         labels = fit_labels(clean, y, num_classes)
-        n_folds = self.config.folds
+        # one layer: standardising is a positive affine map that no ranking or threshold sees, so the
+        # in-sample statistics do and the cross-fitting is skipped
+        n_folds = self.config.folds if len(self._layers) > 1 else 1
         folds: dict[str, list[ClassMoments]] = {}
         gen = torch.Generator().manual_seed(self.config.seed)
         for sl in batches(len(clean), self.batch_size):
@@ -173,9 +175,9 @@ class Mahalanobis(LayerwiseDetector):
         self.layers_ = list(self._layers)
         self.class_counts_ = full[self._layers[0]].counts.clone()
         self.means_ = {n: s.means.clone() for n, s in full.items()}
-        self.precision_ = {n: tied_precision(s.tied_covariance(), self.config.ridge) for n, s in full.items()}
-        self.coef_ = self.intercept_ = None
+        self.whitener_ = {n: tied_whitener(m.tied_covariance(), self.config.ridge) for n, m in full.items()}
         self._whitened = {}
+        self.coef_ = self.intercept_ = None
 
         # Clean score statistics: each input is scored by the model fitted without its fold.
         if n_folds == 1:
@@ -188,7 +190,7 @@ class Mahalanobis(LayerwiseDetector):
                     held_out.append(self._params())
                     continue
                 held_out.append({
-                    n: whitened(m.means, tied_precision(m.tied_covariance(), self.config.ridge), m.counts > 0)
+                    n: layer_params(m.means, tied_whitener(m.tied_covariance(), self.config.ridge), m.counts > 0)
                     for n, m in rest.items()
                 })
         moments = RunningMoments(len(self._layers), diagonal=True)
@@ -208,11 +210,17 @@ class Mahalanobis(LayerwiseDetector):
             cache = self._whitened = {}
         for n in self.layers_:
             if n not in cache:
-                cache[n] = whitened(self.means_[n], self.precision_[n], self.class_counts_ > 0)
+                cache[n] = layer_params(self.means_[n], self.whitener_[n], self.class_counts_ > 0)
         return {n: cache[n] for n in self.layers_}
 
     def _after_restore(self) -> None:
         self._whitened = {}
+
+    @property
+    def precision_(self) -> dict[str, torch.Tensor]:
+        """Per layer, the precision matrix W W^T (the pseudo-inverse of the tied covariance)."""
+        self.check_fitted()
+        return {n: w @ w.T for n, w in self.whitener_.items()}
 
     def distances(self, obs: Observation, layer: str) -> torch.Tensor:
         """(N, K) squared Mahalanobis distances of the captured features at `layer` to each class mean."""

@@ -156,24 +156,26 @@ class ClassMoments:
         return int(self.counts.sum())
 
     def update(self, x: torch.Tensor, labels: torch.Tensor) -> "ClassMoments":
-        """Add a batch of rows (b, dim) with their class labels (b,)."""
+        """Add a batch of rows (b, dim) with their class labels (b,): the batch's own moments (one product
+        for all classes), merged into the running ones."""
         x = torch.as_tensor(x).detach().to(torch.float64).cpu()
         labels = torch.as_tensor(labels).long().cpu()
-        for c in labels.unique().tolist():
-            xc = x[labels == c]
-            nb = xc.shape[0]
-            mb = xc.mean(dim=0)
-            cc = xc - mb
-            na = int(self.counts[c])
-            self.scatter += cc.T @ cc
-            if na == 0:
-                self.means[c] = mb
-            else:
-                delta = mb - self.means[c]
-                self.scatter += torch.outer(delta, delta) * (na * nb / (na + nb))
-                self.means[c] += delta * (nb / (na + nb))
-            self.counts[c] += nb
+        onehot = torch.nn.functional.one_hot(labels, self.counts.shape[0]).to(torch.float64)  # (b, K)
+        counts = onehot.sum(dim=0)
+        means = (onehot.T @ x) / counts.clamp_min(1).unsqueeze(1)
+        centred = x - means[labels]
+        self._absorb(counts.to(torch.int64), means, centred.T @ centred)
         return self
+
+    def _absorb(self, counts: torch.Tensor, means: torch.Tensor, scatter: torch.Tensor) -> None:
+        """Merge another stream's counts, class means and within-class scatter into this one."""
+        na, nb = self.counts.to(torch.float64), counts.to(torch.float64)
+        total = (na + nb).clamp_min(1)
+        delta = means - self.means
+        w = (na * nb / total).unsqueeze(1)  # zero when either side has no rows of the class
+        self.scatter = self.scatter + scatter + (delta * w).T @ delta
+        self.means = self.means + delta * (nb / total).unsqueeze(1)
+        self.counts = self.counts + counts
 
     @staticmethod
     def merge(parts: Iterable["ClassMoments"]) -> "ClassMoments":
@@ -181,13 +183,7 @@ class ClassMoments:
         parts = list(parts)
         out = ClassMoments(parts[0].means.shape[0], parts[0].means.shape[1])
         for p in parts:
-            na, nb = out.counts.to(torch.float64), p.counts.to(torch.float64)
-            total = (na + nb).clamp_min(1)
-            delta = p.means - out.means
-            w = (na * nb / total).unsqueeze(1)  # zero when either side has no rows of the class
-            out.scatter = out.scatter + p.scatter + (delta * w).T @ delta
-            out.means = out.means + delta * (nb / total).unsqueeze(1)
-            out.counts = out.counts + p.counts
+            out._absorb(p.counts, p.means, p.scatter)
         return out
 
     def tied_covariance(self) -> torch.Tensor:
