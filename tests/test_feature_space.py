@@ -318,3 +318,21 @@ def test_neighbour_index_matches_an_exact_search():
     assert torch.allclose(got, want, rtol=1e-5)
     lid_got, lid_want = lid_mle(got), lid_mle(want)
     assert float(((lid_got - lid_want).abs() / lid_want).max()) < 1e-4
+
+
+def test_log_kernel_density_equals_a_direct_sum_per_class():
+    from malex.detectors.kd_bu import log_kernel_density
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.relu(torch.randn(300, 16, generator=gen))
+    labels = torch.randint(0, 3, (300,), generator=gen)  # classes 0-2 only
+    query = torch.cat([ref[:20], torch.relu(torch.randn(40, 16, generator=gen))])
+    classes = torch.cat([labels[:20], torch.randint(0, 4, (40,), generator=gen)])  # class 3: no references
+    sigma = 0.8
+    got = log_kernel_density(query, classes, ref, labels, sigma)
+    for i in range(len(query)):
+        pool = ref[labels == classes[i]] if bool((labels == classes[i]).any()) else ref
+        d2 = ((pool.double() - query[i].double()) ** 2).sum(1)
+        d2 = d2[d2 > 0]  # a reference input scored again leaves itself out
+        want = torch.logsumexp(-d2 / (2 * sigma**2), 0) - np.log(len(d2))
+        assert float(got[i]) == pytest.approx(float(want), rel=1e-9)

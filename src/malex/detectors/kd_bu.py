@@ -147,17 +147,22 @@ def log_kernel_density(
     query: torch.Tensor, classes: torch.Tensor, reference: torch.Tensor, ref_labels: torch.Tensor, sigma: float
 ) -> torch.Tensor:
     """log (1/n_c) sum_i exp(-||q - r_i||^2 / (2 sigma^2)) over the references of each query's class
-    (all references when that class has none), skipping references that coincide with the query."""
+    (all references when that class has none), skipping references that coincide with the query.
+    Queries are grouped by class, so each is compared with its own class's references only."""
     q, ref = query.to(torch.float64), reference.to(torch.float64)
-    d2 = torch.cdist(q, ref).square()
-    scale = (q * q).sum(1, keepdim=True) + (ref * ref).sum(1).unsqueeze(0)
-    same = ref_labels.unsqueeze(0) == classes.unsqueeze(1)
-    same[~same.any(dim=1)] = True
-    allowed = same & (d2 > ZERO_DISTANCE * scale + 1e-300)
-    lonely = ~allowed.any(dim=1)  # only copies of the query in its class: keep them
-    allowed[lonely] = same[lonely]
-    logk = (-d2 / (2.0 * sigma * sigma)).masked_fill(~allowed, float("-inf"))
-    return torch.logsumexp(logk, dim=1) - allowed.sum(dim=1).to(torch.float64).log()
+    out = torch.empty(q.shape[0], dtype=torch.float64)
+    for c in classes.unique().tolist():
+        rows = classes == c
+        members = ref_labels == c
+        r = ref[members] if bool(members.any()) else ref
+        qc = q[rows]
+        d2 = torch.cdist(qc, r).square()
+        scale = (qc * qc).sum(1, keepdim=True) + (r * r).sum(1).unsqueeze(0)
+        allowed = d2 > ZERO_DISTANCE * scale + 1e-300
+        allowed[~allowed.any(dim=1)] = True  # only copies of the query in its class: keep them
+        logk = (-d2 / (2.0 * sigma * sigma)).masked_fill(~allowed, float("-inf"))
+        out[rows] = torch.logsumexp(logk, dim=1) - allowed.sum(dim=1).to(torch.float64).log()
+    return out
 
 
 class KDBU(LayerwiseDetector):
