@@ -411,8 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.dataset} (split seed {args.seed}): LCR threshold {det.lcr_threshold_:.3f} (clean mean "
         f"{det.clean_lcr_mean_:.3f}), SPRT p0 {det.sprt().p0:.3f}, p1 {det.sprt().p1:.3f}"),
         "inputs: " + ", ".join(f"{k} {len(v)}" for k, v in kinds.items()) + f" (clean: the first {args.n} test "
-        f"inputs; attacks: the first {args.n} of the study's files in `{args.attacks_dir}`, which hold only "
-        "successful adversarial examples); the reference runs on the first "
+        "inputs" + (f"; attacks: the first {args.n} of the study's files in `{args.attacks_dir}`, which hold only "
+                    "successful adversarial examples" if len(kinds) > 1 else "") + "); the reference runs on the first "
         f"{args.n_reference} of each kind" + ("" if not notes else "; " + "; ".join(notes)),
         (f"malex b{args.batch}: `Probe(model, det.layers()).run(xb)` then `det.test(obs)` per batch of {args.batch}; "
         f"malex b1: the same, one input at a time; plain: `predict_logits(model, x, batch_size)` at the same batch "
