@@ -165,3 +165,16 @@ def test_too_few_calibration_inputs_for_the_target_fpr_warns(setup):
     with pytest.warns(UserWarning, match="uncertain"):
         Guard(setup["model"], GuardConfig(detectors=("mutation_adv", "mutation_bd", "strip"), fpr=0.01,
                                           progress=False)).fit(data.val.x[:100], data.val.y[:100])
+
+
+def test_calibration_scored_in_chunks_equals_scored_at_once(setup, monkeypatch):
+    import malex.guard.guard as guard_module
+
+    data = setup["data"]
+    config = GuardConfig(detectors=("mutation_adv", "kd_bu", "mahalanobis"), progress=False)
+    whole = Guard(setup["model"], config).fit(data.val.x, data.val.y)
+    monkeypatch.setattr(guard_module, "CALIBRATION_CHUNK", 7)
+    chunked = Guard(setup["model"], config).fit(data.val.x, data.val.y)
+    for name, scores in whole.calibration_scores_.items():  # equal up to float32 rounding of other batch sizes
+        np.testing.assert_allclose(chunked.calibration_scores_[name], scores, rtol=1e-5, atol=1e-6)
+    assert chunked.threshold_.value == pytest.approx(whole.threshold_.value, rel=1e-5)

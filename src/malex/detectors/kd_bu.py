@@ -257,13 +257,15 @@ class KDBU(LayerwiseDetector):
         inputs = obs.layer("head" + INPUT_SUFFIX) if self._head_only else obs.x
         t = self.config.mc_samples
         device = model_device(self.model)
-        gen = torch.Generator().manual_seed(self.config.seed)
+        gen = torch.Generator()
 
         def hook(m: nn.Module, args: tuple, _out: torch.Tensor) -> torch.Tensor:
+            # the same t masks for every input of the chunk, drawn afresh from the seed for each chunk: an
+            # input's BU does not depend on which other inputs share its batch
             x = args[0]
-            shape = x.shape if type(m) is nn.Dropout else x.shape[:2] + (1,) * (x.dim() - 2)
-            keep = (torch.rand(shape, generator=gen) >= m.p).to(device=x.device, dtype=x.dtype)
-            return x * keep / (1.0 - m.p)
+            per_input = x.shape[1:] if type(m) is nn.Dropout else x.shape[1:2] + (1,) * (x.dim() - 2)
+            keep = (torch.rand((t, 1) + tuple(per_input), generator=gen) >= m.p).to(device=x.device, dtype=x.dtype)
+            return (x.view(t, -1, *x.shape[1:]) * keep / (1.0 - m.p)).view(x.shape)
 
         per_chunk = max(1, (8 * self.batch_size) // t)
         out = []
@@ -271,6 +273,7 @@ class KDBU(LayerwiseDetector):
         try:
             with preserved_modes(self.model), torch.no_grad():
                 for sl in batches(len(obs), per_chunk):
+                    gen.manual_seed(self.config.seed)
                     xb = inputs[sl].to(device)
                     b = xb.shape[0]
                     rep = xb.unsqueeze(0).expand(t, *xb.shape).reshape(t * b, *xb.shape[1:])

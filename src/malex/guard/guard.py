@@ -38,6 +38,8 @@ from malex.progress import track
 BENIGN, ADVERSARIAL, BACKDOOR = "benign", "adversarial", "backdoor"
 #: fewest clean calibration inputs beyond the threshold for which the guard does not warn
 MIN_BEYOND = 5
+#: calibration inputs probed and scored at a time (only their scores are kept)
+CALIBRATION_CHUNK = 4096
 
 #: which kind of malicious input each detector's evidence points to (absent: none in particular)
 EVIDENCE: dict[str, str] = {
@@ -151,12 +153,10 @@ class Guard:
         frac = self.config.calibration_fraction
         fit_idx, cal_idx = stratified_split(labels_for_split, (1 - frac, frac), self.config.seed)
         fit_obs = self.probe.run(x[fit_idx], self.config.batch_size, progress=self.config.progress)
-        cal_obs = self.probe.run(x[cal_idx], self.config.batch_size, progress=self.config.progress)
-        calibration: dict[str, np.ndarray] = {}
         for name, det in track(list(self.detectors.items()), "fitting detectors", enabled=self.config.progress):
             det.fit(fit_obs, y[fit_idx] if y is not None else None)
-            calibration[name] = det.score(cal_obs)
-        self.calibration_scores_ = calibration
+        del fit_obs
+        self.calibration_scores_ = self._calibration_scores(x[cal_idx])
         beyond = len(cal_idx) * self.config.fpr
         if beyond < MIN_BEYOND:
             warnings.warn(
@@ -165,8 +165,19 @@ class Guard:
                 f"give at least {int(np.ceil(MIN_BEYOND / (self.config.fpr * frac)))} clean inputs",
                 stacklevel=2,
             )
-        self.threshold_ = calibrate_guard(calibration, self.config.fpr)
+        self.threshold_ = calibrate_guard(self.calibration_scores_, self.config.fpr)
         return self
+
+    def _calibration_scores(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Every detector's scores of the calibration inputs, probed CALIBRATION_CHUNK inputs at a time so
+        that only the scores are kept, not the activations of all of them."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.detectors}
+        chunks = range(0, x.shape[0], CALIBRATION_CHUNK)
+        for start in track(chunks, "calibrating (chunks)", enabled=self.config.progress and len(chunks) > 1):
+            obs = self.probe.run(x[start : start + CALIBRATION_CHUNK], self.config.batch_size)
+            for name, det in self.detectors.items():
+                parts[name].append(det.score(obs))
+        return {name: np.concatenate(p) for name, p in parts.items()}
 
     def _check_fitted(self) -> None:
         if self.calibration_scores_ is None or self.threshold_ is None:
