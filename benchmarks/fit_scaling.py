@@ -96,7 +96,7 @@ def main() -> None:
         for size in args.sizes:
             cmd = [sys.executable, __file__, "--model", str(args.model), "--data", args.data, "--threads",
                    str(args.threads), "--worker", name, str(size)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"{name} at {size}: {done.stderr.strip()}")
             r = json.loads(done.stdout.strip().splitlines()[-1])
@@ -121,7 +121,7 @@ def main() -> None:
              f"- model {args.model}; reference = the first N training inputs with labels; each fit in its own process",
              "- 'peak RSS' = peak resident memory during the fit (VmHWM, reset just before it); 'peak above that' = "
              "it minus the resident memory just before the fit (model, data and the reference inputs loaded)",
-             f"- detectors: " + "; ".join(f"{r['guard']}: {', '.join(r['detectors'])}" for r in rows[:: len(args.sizes)]),
+             "- detectors: " + "; ".join(f"{r['guard']}: {', '.join(r['detectors'])}" for r in rows[:: len(args.sizes)]),
              f"- Python {platform.python_version()}, {args.threads} torch thread(s), {os.cpu_count()} CPU cores, "
              f"load average at the end {load}; run {dt.datetime.now():%Y-%m-%d %H:%M}", "",
              "| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]

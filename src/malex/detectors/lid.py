@@ -135,6 +135,7 @@ class LID(LayerwiseDetector):
         self.combine = config.combine
         self.batch_size = config.batch_size
         self._layers = check_layers(model, config.layers if config.layers is not None else default_layers(model))
+        self._index: dict[str, NeighbourIndex] = {}
 
     def layers(self) -> list[str]:
         return list(getattr(self, "layers_", self._layers))
@@ -170,12 +171,10 @@ class LID(LayerwiseDetector):
         self._index = {}
 
     def _neighbours(self, name: str) -> NeighbourIndex:
-        cache = getattr(self, "_index", None)
-        if cache is None:
-            cache = self._index = {}
-        if name not in cache:
-            cache[name] = NeighbourIndex(self.reference_[name])
-        return cache[name]
+        """The search structure over a layer's reference rows, built once after each fit or restore."""
+        if name not in self._index:
+            self._index[name] = NeighbourIndex(self.reference_[name])
+        return self._index[name]
 
     def _raw_scores(self, obs: Observation) -> np.ndarray:
         cols = []

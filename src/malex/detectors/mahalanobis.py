@@ -138,6 +138,7 @@ class Mahalanobis(LayerwiseDetector):
         self.combine = config.combine
         self.batch_size = config.batch_size
         self._layers = check_layers(model, config.layers if config.layers is not None else default_layers(model))
+        self._whitened: dict[str, LayerParams] = {}
 
     @classmethod
     def penultimate(cls, model: nn.Module, **settings) -> "Mahalanobis":
@@ -205,13 +206,10 @@ class Mahalanobis(LayerwiseDetector):
 
     def _params(self) -> dict[str, LayerParams]:
         """Whitened parameters of every layer, computed once after each fit or restore."""
-        cache = getattr(self, "_whitened", None)
-        if cache is None:
-            cache = self._whitened = {}
         for n in self.layers_:
-            if n not in cache:
-                cache[n] = layer_params(self.means_[n], self.whitener_[n], self.class_counts_ > 0)
-        return {n: cache[n] for n in self.layers_}
+            if n not in self._whitened:
+                self._whitened[n] = layer_params(self.means_[n], self.whitener_[n], self.class_counts_ > 0)
+        return {n: self._whitened[n] for n in self.layers_}
 
     def _after_restore(self) -> None:
         self._whitened = {}
@@ -231,7 +229,7 @@ class Mahalanobis(LayerwiseDetector):
         return self._scores_with(obs, self._params())
 
     def _scores_with(self, obs: Observation, params: dict[str, LayerParams]) -> np.ndarray:
-        """(N, L) minimum squared distances under the given per-layer (means, precision, present)."""
+        """(N, L) minimum squared distances under the given whitened per-layer parameters."""
         cols = []
         for name in self.layers():
             out = []
