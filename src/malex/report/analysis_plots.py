@@ -88,7 +88,7 @@ def plot_activation_space(rows: Mapping[str, Mapping[str, Kinds]], path: str | P
                     ax.scatter(z[:, 0], z[:, 1], s=5, alpha=0.6, color=colours[kind], label=kind, linewidths=0)
             share = (explained or {}).get(title, {}).get(layer)
             note = f" ({sum(share):.0%} var.)" if share else ""
-            ax.set_title(f"{title}: {layer}{note}", fontsize=9)
+            ax.set_title(f"{title}\n{layer}{note}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
         ax_row[0].legend(fontsize=7, markerscale=2)
@@ -115,7 +115,7 @@ def plot_feature_space(rows: Mapping[str, Mapping[str, Kinds]], path: str | Path
                             color=colours[kind], label=kind)
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_title(f"{title}: {layer}", fontsize=9)
+            ax.set_title(f"{title}\n{layer}", fontsize=9)
             ax.set_xlabel("min squared Mahalanobis distance")
             ax.set_ylabel("share of inputs")
         ax_row[0].legend(fontsize=7)
