@@ -178,3 +178,16 @@ def test_calibration_scored_in_chunks_equals_scored_at_once(setup, monkeypatch):
     for name, scores in whole.calibration_scores_.items():  # equal up to float32 rounding of other batch sizes
         np.testing.assert_allclose(chunked.calibration_scores_[name], scores, rtol=1e-5, atol=1e-6)
     assert chunked.threshold_.value == pytest.approx(whole.threshold_.value, rel=1e-5)
+
+
+def test_fit_inputs_beyond_max_fit_go_to_calibration(setup):
+    data = setup["data"]
+    n = len(data.val.x)
+    guard = Guard(setup["model"], GuardConfig(detectors=("mahalanobis",), max_fit=100, progress=False))
+    guard.fit(data.val.x, data.val.y)
+    assert guard.describe()["n_calibration"] == n - 100
+    assert int(guard.detectors["mahalanobis"].class_counts_.sum()) == 100
+    roomy = Guard(setup["model"], GuardConfig(detectors=("mahalanobis",), max_fit=None, progress=False))
+    assert roomy.fit(data.val.x, data.val.y).describe()["n_calibration"] < n - 100
+    with pytest.raises(ConfigError, match="max_fit"):
+        GuardConfig(max_fit=5)

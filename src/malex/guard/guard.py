@@ -55,12 +55,19 @@ EVIDENCE: dict[str, str] = {
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """Which detectors (registry names, with optional settings), the target FPR and the clean split."""
+    """Which detectors (registry names, with optional settings), the target FPR and the clean split.
+
+    `calibration_fraction` of the clean inputs calibrate the guard, the rest fit the detectors, but at most
+    `max_fit` of them (None: no cap): the inputs beyond it calibrate too. Every detector's fitted state is
+    bounded well below that (reference samples of at most 2,000 inputs, streamed moments), while the
+    guard's false-positive control gains from every calibration input, and calibration is scored in chunks
+    (only scores kept), so the memory a fit needs stops growing at `max_fit` fit inputs."""
 
     detectors: tuple[str, ...] = ("mutation_adv", "mutation_bd", "kd_bu", "mahalanobis")
     settings: dict[str, dict] = field(default_factory=dict)
     fpr: float = 0.05
     calibration_fraction: float = 0.4
+    max_fit: int | None = 10_000
     seed: int = 0
     batch_size: int = 256
     progress: bool = True
@@ -72,6 +79,9 @@ class GuardConfig:
             raise ConfigError(f"detectors {self.detectors} name one detector twice")
         if not 0 < self.fpr < 1 or not 0 < self.calibration_fraction < 1:
             raise ConfigError(f"fpr {self.fpr} and calibration_fraction {self.calibration_fraction} must lie in (0, 1)")
+        if self.max_fit is not None and (isinstance(self.max_fit, bool) or not isinstance(self.max_fit, int)
+                                         or self.max_fit < 10):
+            raise ConfigError(f"max_fit is {self.max_fit!r}; expected None or an int >= 10")
         unknown = set(self.settings) - set(self.detectors)
         if unknown:
             raise ConfigError(f"settings given for detectors not in the guard: {', '.join(sorted(unknown))}")
@@ -152,11 +162,15 @@ class Guard:
         labels_for_split = y if y is not None else torch.zeros(x.shape[0], dtype=torch.long)
         frac = self.config.calibration_fraction
         fit_idx, cal_idx = stratified_split(labels_for_split, (1 - frac, frac), self.config.seed)
+        cap = self.config.max_fit
+        if cap is not None and len(fit_idx) > cap:  # a seeded random share of the fit part calibrates instead
+            order = torch.randperm(len(fit_idx), generator=torch.Generator().manual_seed(self.config.seed))
+            fit_idx, cal_idx = fit_idx[order[:cap]], torch.cat([cal_idx, fit_idx[order[cap:]]])
         fit_obs = self.probe.run(x[fit_idx], self.config.batch_size, progress=self.config.progress)
         for name, det in track(list(self.detectors.items()), "fitting detectors", enabled=self.config.progress):
             det.fit(fit_obs, y[fit_idx] if y is not None else None)
         del fit_obs
-        self.calibration_scores_ = self._calibration_scores(x[cal_idx])
+        self.calibration_scores_ = self._calibration_scores(x, cal_idx)
         beyond = len(cal_idx) * self.config.fpr
         if beyond < MIN_BEYOND:
             warnings.warn(
@@ -168,13 +182,13 @@ class Guard:
         self.threshold_ = calibrate_guard(self.calibration_scores_, self.config.fpr)
         return self
 
-    def _calibration_scores(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """Every detector's scores of the calibration inputs, probed CALIBRATION_CHUNK inputs at a time so
-        that only the scores are kept, not the activations of all of them."""
+    def _calibration_scores(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, np.ndarray]:
+        """Every detector's scores of the calibration inputs x[index], probed CALIBRATION_CHUNK inputs at a
+        time so that only the scores are kept, not the activations (or a copy) of all of them."""
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.detectors}
-        chunks = range(0, x.shape[0], CALIBRATION_CHUNK)
+        chunks = range(0, len(index), CALIBRATION_CHUNK)
         for start in track(chunks, "calibrating (chunks)", enabled=self.config.progress and len(chunks) > 1):
-            obs = self.probe.run(x[start : start + CALIBRATION_CHUNK], self.config.batch_size)
+            obs = self.probe.run(x[index[start : start + CALIBRATION_CHUNK]], self.config.batch_size)
             for name, det in self.detectors.items():
                 parts[name].append(det.score(obs))
         return {name: np.concatenate(p) for name, p in parts.items()}
@@ -234,6 +248,7 @@ class Guard:
             "threshold": self.threshold_.value,
             "calibration_fpr": float(self.threshold_.flags(in_sample_guard_scores(self.calibration_scores_)).mean()),
             "n_calibration": int(len(next(iter(self.calibration_scores_.values())))),
+            "max_fit": self.config.max_fit,
             "states": {k: d.state() for k, d in self.detectors.items()},
         }
 
