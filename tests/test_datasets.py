@@ -423,3 +423,28 @@ def test_random_flip_mirrors_about_half_and_nothing_else():
     assert 70 < int(mirrored.sum()) < 130
     assert torch.equal(out, _random_flip(x, torch.Generator().manual_seed(0)))
     assert TrainConfig().flip is False
+
+
+def test_grouped_split_keeps_groups_whole_and_the_class_mix():
+    from malex.data import grouped_split
+
+    y = torch.arange(3).repeat_interleave(40)  # 3 classes x 40 inputs
+    groups = torch.arange(120) // 5  # 8 groups of 5 per class
+    first, second = grouped_split(y, groups, (0.5, 0.5), seed=0)
+    assert sorted(first.tolist() + second.tolist()) == list(range(120))
+    assert not set(groups[first].tolist()) & set(groups[second].tolist())
+    assert torch.bincount(y[first], minlength=3).tolist() == [20, 20, 20]
+    again, _ = grouped_split(y, groups, (0.5, 0.5), seed=0)
+    assert torch.equal(first, again)
+
+
+def test_gtsrb_validation_tracks_become_groups_only_when_laid_out_as_tracks():
+    from malex.data.dataset import Dataset, Split
+    from malex.data.registry import GTSRB_TRACK_LENGTH, _with_gtsrb_tracks
+
+    n = 3 * GTSRB_TRACK_LENGTH
+    split = Split(torch.zeros(n, 3, 4, 4), torch.tensor([0] * 30 + [5] * 30 + [0] * 30))
+    data = Dataset("gtsrb", split, split, split, 43)
+    assert _with_gtsrb_tracks(data).val.groups.tolist() == [0] * 30 + [1] * 30 + [2] * 30
+    shuffled = Split(split.x, split.y[torch.randperm(n, generator=torch.Generator().manual_seed(0))])
+    assert _with_gtsrb_tracks(Dataset("gtsrb", shuffled, shuffled, shuffled, 43)).val.groups is None

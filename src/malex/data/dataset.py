@@ -9,17 +9,19 @@ import torch
 
 @dataclass(frozen=True)
 class Split:
-    """Images (float32 NCHW in [0, 1]) and their int64 labels."""
+    """Images (float32 NCHW in [0, 1]) and their int64 labels; `groups` (optional, int64) marks inputs that
+    are near-copies of each other (GTSRB: the frames of one physical sign), which must not be split apart."""
 
     x: torch.Tensor
     y: torch.Tensor
+    groups: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     def subset(self, index: torch.Tensor | slice) -> "Split":
         """The inputs at `index`."""
-        return Split(self.x[index], self.y[index])
+        return Split(self.x[index], self.y[index], None if self.groups is None else self.groups[index])
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,31 @@ class Dataset:
         """(C, H, W) of one image."""
         c, h, w = self.train.x.shape[1:]
         return int(c), int(h), int(w)
+
+
+def grouped_split(y: torch.Tensor, groups: torch.Tensor, fractions: tuple[float, ...], seed: int
+                  ) -> list[torch.Tensor]:
+    """As `stratified_split`, but whole groups go to one part: per class, its groups are shuffled and dealt
+    out by the fractions (each group counted by its inputs), so no group straddles two parts."""
+    gen = torch.Generator().manual_seed(seed)
+    parts: list[list[torch.Tensor]] = [[] for _ in fractions]
+    total = sum(fractions)
+    for c in torch.unique(y):
+        members = torch.nonzero(y == c).flatten()
+        ids = torch.unique(groups[members])
+        ids = ids[torch.randperm(len(ids), generator=gen)]
+        shares = torch.stack([(groups[members] == g).sum() for g in ids]).double() / len(members)
+        middle = shares.cumsum(0) - shares / 2  # where each group sits in the class's shuffled order
+        bounds = torch.tensor([sum(fractions[: i + 1]) / total for i in range(len(fractions) - 1)],
+                              dtype=torch.float64)
+        part_of = (middle.unsqueeze(1) > bounds.unsqueeze(0)).sum(dim=1)
+        for g, i in zip(ids.tolist(), part_of.tolist()):
+            parts[i].append(members[groups[members] == g])
+    out = []
+    for p in parts:
+        cat = torch.cat(p) if p else torch.zeros(0, dtype=torch.long)
+        out.append(cat[torch.randperm(len(cat), generator=gen)])
+    return out
 
 
 def stratified_split(y: torch.Tensor, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:

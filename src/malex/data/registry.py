@@ -19,6 +19,7 @@ from pathlib import Path
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
 from malex.data.cifar_batches import is_cifar_folder, read_cifar_archive, read_cifar_folder
 from malex.data.dataset import Dataset, Split, stratified_split
@@ -121,6 +122,25 @@ def _load_path(path: Path, seed: int) -> Dataset:
     return load_npz(path, seed=seed)
 
 
+#: frames per physical sign ("track") in GTSRB's training set, which the shared archive's validation split
+#: keeps whole and in order (see its README)
+GTSRB_TRACK_LENGTH = 30
+
+
+def _with_gtsrb_tracks(dataset: Dataset) -> Dataset:
+    """GTSRB with its validation split's tracks as groups, when the split is laid out as whole tracks
+    (consecutive blocks of GTSRB_TRACK_LENGTH frames of one class); unchanged otherwise."""
+    y = dataset.val.y
+    n = len(y)
+    if n == 0 or n % GTSRB_TRACK_LENGTH:
+        return dataset
+    blocks = y.view(-1, GTSRB_TRACK_LENGTH)
+    if not bool((blocks == blocks[:, :1]).all()):
+        return dataset
+    groups = torch.arange(n) // GTSRB_TRACK_LENGTH
+    return dataclasses.replace(dataset, val=Split(dataset.val.x, y, groups))
+
+
 def load_dataset(name_or_path: str | Path, seed: int = 0, data_dir: str | Path | None = None) -> Dataset:
     """The dataset called `name_or_path` (one of `DATASET_NAMES`), or the one stored at that path.
 
@@ -134,6 +154,8 @@ def load_dataset(name_or_path: str | Path, seed: int = 0, data_dir: str | Path |
         if key == "digits":
             return load_digits(seed)
         dataset = load_npz(find_data_file(key, data_dir), seed=seed, name=key)
+        if key == "gtsrb":
+            dataset = _with_gtsrb_tracks(dataset)
         names = CLASS_NAMES[key]
         return dataclasses.replace(dataset, class_names=names) if len(names) == dataset.num_classes else dataset
     path = Path(key)
