@@ -191,3 +191,20 @@ def test_fit_inputs_beyond_max_fit_go_to_calibration(setup):
     assert roomy.fit(data.val.x, data.val.y).describe()["n_calibration"] < n - 100
     with pytest.raises(ConfigError, match="max_fit"):
         GuardConfig(max_fit=5)
+
+
+def test_groups_are_never_split_between_fit_and_calibration(setup, monkeypatch):
+    data = setup["data"]
+    n = len(data.val.x)
+    x = data.val.x.clone()
+    x[:, 0, 0, 0] = torch.arange(n) / n  # a pixel that names each input
+    groups = torch.arange(n) // 6  # groups of 6 consecutive inputs
+    seen: list[torch.Tensor] = []
+    guard = Guard(setup["model"], GuardConfig(detectors=("mahalanobis",), max_fit=60, progress=False))
+    real_run = guard.probe.run
+    monkeypatch.setattr(guard.probe, "run", lambda xb, *a, **k: seen.append(xb) or real_run(xb, *a, **k))
+    guard.fit(x, data.val.y, groups)
+    fit_ids = torch.round(seen[0][:, 0, 0, 0] * n).long()
+    assert len(fit_ids) <= 60 and len(fit_ids) + guard.describe()["n_calibration"] == n
+    in_fit = groups[fit_ids].unique()
+    assert int(torch.isin(groups, in_fit).sum()) == len(fit_ids)  # whole groups only

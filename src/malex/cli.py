@@ -110,7 +110,8 @@ def predict(
 
 
 def _clean_reference(data: str, seed: int, labels: Optional[Path], shape) -> tuple:
-    """Clean inputs for fitting: a dataset's validation split, or an image file (+ optional labels)."""
+    """Clean inputs for fitting (x, y or None, groups or None): a dataset's validation split (with its
+    groups of near-copies, if it has them), or an image file (+ optional labels)."""
     from malex.data import DATASET_NAMES, load_dataset
     from malex.data.files import load_arrays
     from malex.data.inputs import read_images
@@ -118,11 +119,11 @@ def _clean_reference(data: str, seed: int, labels: Optional[Path], shape) -> tup
     path = Path(data)
     if data.strip().lower() in DATASET_NAMES or path.is_dir() or "x_train" in load_arrays(path):
         split = load_dataset(data, seed=seed).val
-        return split.x, split.y
+        return split.x, split.y, split.groups
     x = read_images(path, shape)
     if labels is None:
-        return x, None
-    return x, next(iter(load_arrays(labels).values()))
+        return x, None, None
+    return x, next(iter(load_arrays(labels).values())), None
 
 
 @app.command()
@@ -146,9 +147,9 @@ def fit(
     if output.exists() and not force:
         raise FileExistsError(f"{output} exists; pass --force to replace it")
     net, _ = load_model(model)
-    x, y = _clean_reference(data, seed, labels, net.input_shape)
+    x, y, groups = _clean_reference(data, seed, labels, net.input_shape)
     chosen = {"detectors": detectors_from(detectors)} if detectors else {}
-    guard = Guard(net, GuardConfig(**chosen, fpr=fpr, seed=seed)).fit(x, y)
+    guard = Guard(net, GuardConfig(**chosen, fpr=fpr, seed=seed)).fit(x, y, groups)
     guard.save(output, overwrite=force)
     out.print(f"fitted {', '.join(guard.detectors)} on {x.shape[0]} clean inputs; "
               f"guard threshold {guard.threshold_.value:.3f} at {fpr:.0%} FPR; wrote {output}")

@@ -44,26 +44,29 @@ class Dataset:
 
 def grouped_split(y: torch.Tensor, groups: torch.Tensor, fractions: tuple[float, ...], seed: int
                   ) -> list[torch.Tensor]:
-    """As `stratified_split`, but whole groups go to one part: per class, its groups are shuffled and dealt
-    out by the fractions (each group counted by its inputs), so no group straddles two parts."""
+    """As `stratified_split`, but whole groups go to one part: each group counts under the class of its
+    first input; per class, its groups are shuffled and dealt out by the fractions (each group weighed by
+    its size), so no group straddles two parts."""
     gen = torch.Generator().manual_seed(seed)
-    parts: list[list[torch.Tensor]] = [[] for _ in fractions]
-    total = sum(fractions)
-    for c in torch.unique(y):
-        members = torch.nonzero(y == c).flatten()
-        ids = torch.unique(groups[members])
+    _, inverse = torch.unique(groups, return_inverse=True)
+    sizes = torch.bincount(inverse)
+    first = torch.full((len(sizes),), len(y), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(y)), reduce="amin")
+    group_class = y[first]
+    bounds = torch.tensor([sum(fractions[: i + 1]) / sum(fractions) for i in range(len(fractions) - 1)],
+                          dtype=torch.float64)
+    part_of_group = torch.empty(len(sizes), dtype=torch.long)
+    for c in torch.unique(group_class):
+        ids = torch.nonzero(group_class == c).flatten()
         ids = ids[torch.randperm(len(ids), generator=gen)]
-        shares = torch.stack([(groups[members] == g).sum() for g in ids]).double() / len(members)
+        shares = sizes[ids].double() / sizes[ids].sum()
         middle = shares.cumsum(0) - shares / 2  # where each group sits in the class's shuffled order
-        bounds = torch.tensor([sum(fractions[: i + 1]) / total for i in range(len(fractions) - 1)],
-                              dtype=torch.float64)
-        part_of = (middle.unsqueeze(1) > bounds.unsqueeze(0)).sum(dim=1)
-        for g, i in zip(ids.tolist(), part_of.tolist()):
-            parts[i].append(members[groups[members] == g])
+        part_of_group[ids] = (middle.unsqueeze(1) > bounds.unsqueeze(0)).sum(dim=1)
+    part = part_of_group[inverse]
     out = []
-    for p in parts:
-        cat = torch.cat(p) if p else torch.zeros(0, dtype=torch.long)
-        out.append(cat[torch.randperm(len(cat), generator=gen)])
+    for i in range(len(fractions)):
+        idx = torch.nonzero(part == i).flatten()
+        out.append(idx[torch.randperm(len(idx), generator=gen)])
     return out
 
 

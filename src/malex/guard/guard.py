@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from malex.data.dataset import stratified_split
+from malex.data.dataset import grouped_split, stratified_split
 from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
 from malex.detectors.calibration import Threshold, calibrate
@@ -153,18 +153,33 @@ class Guard:
     def _inputs(self, x) -> torch.Tensor:
         return to_nchw_float(x, shape=self.input_shape, source="inputs")
 
-    def fit(self, clean_x, clean_y=None) -> "Guard":
-        """Fit every detector on clean inputs and calibrate the guard on a held-out clean part."""
+    def fit(self, clean_x, clean_y=None, groups=None) -> "Guard":
+        """Fit every detector on clean inputs and calibrate the guard on a held-out clean part. `groups`
+        (optional, one int per input) marks near-copies, e.g. the frames of one physical sign: a group is
+        never split between the fit and the calibration part, which would calibrate on inputs the
+        detectors have all but seen and leave new clean inputs above the threshold too often."""
         x = self._inputs(clean_x)
         y = to_labels(clean_y, n=x.shape[0]) if clean_y is not None else None
         if x.shape[0] < 20:
             raise ConfigError(f"{x.shape[0]} clean inputs; a guard needs at least 20 to fit and calibrate")
         labels_for_split = y if y is not None else torch.zeros(x.shape[0], dtype=torch.long)
         frac = self.config.calibration_fraction
-        fit_idx, cal_idx = stratified_split(labels_for_split, (1 - frac, frac), self.config.seed)
+        if groups is None:
+            fit_idx, cal_idx = stratified_split(labels_for_split, (1 - frac, frac), self.config.seed)
+        else:
+            groups = torch.unique(to_labels(groups, n=x.shape[0]), return_inverse=True)[1]  # ids 0..G-1
+            fit_idx, cal_idx = grouped_split(labels_for_split, groups, (1 - frac, frac), self.config.seed)
         cap = self.config.max_fit
         if cap is not None and len(fit_idx) > cap:  # a seeded random share of the fit part calibrates instead
             order = torch.randperm(len(fit_idx), generator=torch.Generator().manual_seed(self.config.seed))
+            if groups is not None:  # whole groups, in a seeded random order of groups
+                ids = torch.unique(groups[fit_idx])
+                ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(self.config.seed))]
+                rank = torch.empty(int(groups.max()) + 1, dtype=torch.long)
+                rank[ids] = torch.arange(len(ids))
+                order = torch.argsort(rank[groups[fit_idx]], stable=True)
+                room = int((torch.bincount(rank[groups[fit_idx]]).cumsum(0) <= cap).sum())
+                cap = int((rank[groups[fit_idx]] < room).sum())
             fit_idx, cal_idx = fit_idx[order[:cap]], torch.cat([cal_idx, fit_idx[order[cap:]]])
         fit_obs = self.probe.run(x[fit_idx], self.config.batch_size, progress=self.config.progress)
         for name, det in track(list(self.detectors.items()), "fitting detectors", enabled=self.config.progress):

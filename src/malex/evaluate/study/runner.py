@@ -211,7 +211,7 @@ class Study:
         spec = {"data": ds.data, "data_dir": self.config.data_dir, "seed": seed, "n_fit": ds.n_fit,
                 "n_calibration": ds.n_calibration, "n_clean": ds.n_clean}
         if self._pools(ds, seed).data.val.groups is not None:
-            spec["validation_split"] = "by group"
+            spec["validation_split"] = "whole groups, stratified by the class of their first input"
         return spec
 
     def _model_spec(self, ds: DatasetSpec, seed: int, key: str) -> dict[str, Any]:
