@@ -229,8 +229,11 @@ class Study:
                 "split": self._data_spec(ds, seed)}
 
     def _guard_spec(self, ds: DatasetSpec, seed: int, model_id: str) -> dict[str, Any]:
-        return {"model": model_id, "detectors": list(ds.guard), "fpr": self.config.fpr, "seeded": True,
+        spec = {"model": model_id, "detectors": list(ds.guard), "fpr": self.config.fpr, "seeded": True,
                 "settings": {d: ds.detector_settings.get(d, {}) for d in ds.guard}, "split": self._data_spec(ds, seed)}
+        if self._pools(ds, seed).data.val.groups is not None:
+            spec["groups_kept_whole"] = True  # the guard's own fit / calibration split keeps groups whole
+        return spec
 
     # --- reading what is on disk (no computing) ----------------------------------------------------------------
     def _model_meta(self, ds: DatasetSpec, seed: int, key: str) -> dict[str, Any] | None:
@@ -549,8 +552,9 @@ class Study:
         pools = self._pools(ds, seed)
         x = torch.cat([pools.fit.x, pools.calibration.x])
         y = torch.cat([pools.fit.y, pools.calibration.y])
+        groups = None if pools.fit.groups is None else torch.cat([pools.fit.groups, pools.calibration.groups])
         self.log(f"  fitting the guard ({', '.join(ds.guard)}) on {len(x)} clean inputs ({key} model)")
-        guard = Guard(model, self._guard_config(ds, seed, model)).fit(x, y)
+        guard = Guard(model, self._guard_config(ds, seed, model)).fit(x, y, groups)
         clean = guard.screen(self._clean_test(ds, seed, key))
         guard.save(self.layout.guard(ds.name, seed, key), overwrite=True)
         score = np.asarray(clean.guard_score, np.float64)
