@@ -132,6 +132,29 @@ def calibrate_guard(calibration: dict[str, np.ndarray], fpr: float) -> Threshold
     return calibrate(in_sample_guard_scores(calibration), fpr)
 
 
+def fit_calibration_split(labels: torch.Tensor, groups: torch.Tensor | None, calibration_fraction: float,
+                          max_fit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, calibration) indices: stratified by label, whole groups on one side when `groups` is given, and
+    at most `max_fit` fit inputs (a seeded random share of the fit side, whole groups, calibrates instead)."""
+    fractions = (1 - calibration_fraction, calibration_fraction)
+    if groups is None:
+        fit_idx, cal_idx = stratified_split(labels, fractions, seed)
+    else:
+        fit_idx, cal_idx = grouped_split(labels, groups, fractions, seed)
+    if max_fit is None or len(fit_idx) <= max_fit:
+        return fit_idx, cal_idx
+    gen = torch.Generator().manual_seed(seed)
+    if groups is None:
+        order, keep = torch.randperm(len(fit_idx), generator=gen), max_fit
+    else:  # groups in a seeded random order, as many whole ones as fit under the cap
+        _, local = torch.unique(groups[fit_idx], return_inverse=True)
+        rank = torch.randperm(int(local.max()) + 1, generator=gen)[local]  # each input's group's place
+        order = torch.argsort(rank, stable=True)
+        whole = int((torch.bincount(rank).cumsum(0) <= max_fit).sum())  # groups that fit entirely
+        keep = int((rank < whole).sum())
+    return fit_idx[order[:keep]], torch.cat([cal_idx, fit_idx[order[keep:]]])
+
+
 class Guard:
     """Screen a model's inputs with several detectors under one calibrated false-positive rate."""
 
@@ -162,25 +185,11 @@ class Guard:
         y = to_labels(clean_y, n=x.shape[0]) if clean_y is not None else None
         if x.shape[0] < 20:
             raise ConfigError(f"{x.shape[0]} clean inputs; a guard needs at least 20 to fit and calibrate")
-        labels_for_split = y if y is not None else torch.zeros(x.shape[0], dtype=torch.long)
+        labels = y if y is not None else torch.zeros(x.shape[0], dtype=torch.long)
+        if groups is not None:
+            groups = to_labels(groups, n=x.shape[0])
         frac = self.config.calibration_fraction
-        if groups is None:
-            fit_idx, cal_idx = stratified_split(labels_for_split, (1 - frac, frac), self.config.seed)
-        else:
-            groups = torch.unique(to_labels(groups, n=x.shape[0]), return_inverse=True)[1]  # ids 0..G-1
-            fit_idx, cal_idx = grouped_split(labels_for_split, groups, (1 - frac, frac), self.config.seed)
-        cap = self.config.max_fit
-        if cap is not None and len(fit_idx) > cap:  # a seeded random share of the fit part calibrates instead
-            order = torch.randperm(len(fit_idx), generator=torch.Generator().manual_seed(self.config.seed))
-            if groups is not None:  # whole groups, in a seeded random order of groups
-                ids = torch.unique(groups[fit_idx])
-                ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(self.config.seed))]
-                rank = torch.empty(int(groups.max()) + 1, dtype=torch.long)
-                rank[ids] = torch.arange(len(ids))
-                order = torch.argsort(rank[groups[fit_idx]], stable=True)
-                room = int((torch.bincount(rank[groups[fit_idx]]).cumsum(0) <= cap).sum())
-                cap = int((rank[groups[fit_idx]] < room).sum())
-            fit_idx, cal_idx = fit_idx[order[:cap]], torch.cat([cal_idx, fit_idx[order[cap:]]])
+        fit_idx, cal_idx = fit_calibration_split(labels, groups, frac, self.config.max_fit, self.config.seed)
         fit_obs = self.probe.run(x[fit_idx], self.config.batch_size, progress=self.config.progress)
         for name, det in track(list(self.detectors.items()), "fitting detectors", enabled=self.config.progress):
             det.fit(fit_obs, y[fit_idx] if y is not None else None)
