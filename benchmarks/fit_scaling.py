@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from malex.evaluate.study.aggregate import markdown_table
+from malex.report.table import print_table, rows_table
+
 GUARDS = {"default": None, "activation": ("nic", "mahalanobis", "lid", "kd_bu")}
 
 
@@ -108,10 +111,7 @@ def main() -> None:
                "peak above that MiB", "reference inputs MiB"]
     body = [[r["guard"], f"{r['size']:,}", f"{r['seconds']:.1f}", f"{r['peak']:.0f}", f"{r['rss_before']:.0f}",
              f"{r['growth']:.0f}", f"{r['inputs_mib']:.0f}"] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    for b in body:
-        print("  ".join(c.rjust(w) for c, w in zip(b, widths)))
+    print_table(rows_table(f"guard fit time and peak memory: {args.data}", headers, body))
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     out = args.out or Path("benchmarks/results") / f"fit_scaling_{Path(str(args.data)).stem}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,8 +124,7 @@ def main() -> None:
              "- detectors: " + "; ".join(f"{r['guard']}: {', '.join(r['detectors'])}" for r in rows[:: len(args.sizes)]),
              f"- Python {platform.python_version()}, {args.threads} torch thread(s), {os.cpu_count()} CPU cores, "
              f"load average at the end {load}; run {dt.datetime.now():%Y-%m-%d %H:%M}", "",
-             "| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
-    lines += ["| " + " | ".join(b) + " |" for b in body]
+             markdown_table(headers, body)]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {out}")
 

@@ -35,15 +35,15 @@ from typing import Callable
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from malex.data import load_dataset
 from malex.detectors import DETECTORS
+from malex.evaluate.study.aggregate import markdown_table
 from malex.guard import Guard, GuardConfig
 from malex.models import load_model
 from malex.models.inference import predict_logits
 from malex.probe import Probe
-from malex.report.table import print_table
+from malex.report.table import print_table, rows_table
 
 ACTIVATION_GUARD = ("nic", "mahalanobis", "lid", "kd_bu")
 GUARDS = {"default": GuardConfig().detectors, "activation": ACTIVATION_GUARD}
@@ -129,12 +129,8 @@ def main() -> None:
             row += [f"{n / med:,.0f}", f"{med / floor:.2f}"]
         rows.append(row)
 
-    table = Table(title=f"screening throughput on {meta.get('arch', '?')} ({args.data}), {args.threads} torch thread(s)")
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    print_table(table)
+    title = f"screening throughput on {meta.get('arch', '?')} ({args.data}), {args.threads} torch thread(s)"
+    print_table(rows_table(title, headers, rows))
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     out = args.out or Path("benchmarks/results") / f"guard_speed_{Path(str(args.data)).stem}.md"
@@ -153,10 +149,8 @@ def main() -> None:
         f"- Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch thread(s), "
         f"{os.cpu_count()} CPU cores, load average at the end {load}; run {dt.datetime.now():%Y-%m-%d %H:%M}",
         "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "---|" + "---:|" * (len(headers) - 1),
+        markdown_table(headers, rows),
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     console.print(f"wrote {out}")
 

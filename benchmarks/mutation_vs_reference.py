@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 from safetensors.torch import load_file
 from torch import nn
 
@@ -52,6 +51,7 @@ from malex.detectors import ModelMutation, MutationTest, make_detector
 from malex.detectors.mutation import GaussianFuzzer
 from malex.models import load_model
 from malex.models.inference import predict_logits
+from malex.report.table import rows_table
 from malex.probe import Observation, Probe
 from malex.progress import track
 
@@ -385,12 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         ("One-off costs", oneoff_headers, oneoff_rows),
     ]
     for title, headers, body in tables:
-        table = Table(title=title)
-        for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if i == 0 else "right")
-        for row in body:
-            table.add_row(*row)
-        console.print(table)
+        console.print(rows_table(title, headers, body))
 
     overall = ratios["overall" if len(kinds) > 1 else next(iter(kinds))]
     fwd_b, fwd_1 = overall["malex_b"] / overall["plain_b"], overall["malex_1"] / overall["plain_1"]

@@ -48,7 +48,6 @@ import numpy as np
 import scipy.stats
 import torch
 from rich.console import Console
-from rich.table import Table
 from scipy.stats import spearmanr
 from torch import nn
 
@@ -59,6 +58,7 @@ from malex.evaluate.metrics import auroc
 from malex.models import Classifier
 from malex.models.inference import accuracy, predict
 from malex.probe import Probe
+from malex.report.table import rows_table
 from peer_model import ARCH, add_model_args, poisoned_model
 
 EXPLANATION = """\
@@ -263,12 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         ("Wall time", ["implementation", "fit (ms)", f"score {len(x_all)} inputs (s)"], time_rows),
     ]
     for title, headers, body in tables:
-        table = Table(title=title)
-        for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if i == 0 else "right")
-        for row in body:
-            table.add_row(*row)
-        console.print(table)
+        console.print(rows_table(title, headers, body))
 
     command = shlex.join(["python", "benchmarks/peer_strip.py", *(sys.argv[1:] if argv is None else argv)])
     setup = [

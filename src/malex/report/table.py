@@ -21,6 +21,16 @@ def metrics_table(rows: Iterable[tuple[str, str, DetectionMetrics]], title: str)
     return table
 
 
+def rows_table(title: str, headers: list[str], rows: Iterable[Iterable[str]]) -> Table:
+    """A table of preformatted cells: the first column left-aligned (names), the others right (numbers)."""
+    table = Table(title=title)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def print_table(table: Table, console: Console | None = None) -> None:
     """Print a table to stdout (wide enough not to wrap)."""
     (console or Console(width=max(140, Console().width))).print(table)
