@@ -90,6 +90,18 @@ def mutation_target(model: nn.Module) -> tuple[nn.Module, str | None]:
     return model, None
 
 
+def stackable_head(module: nn.Module) -> bool:
+    """Is `module` a sequence of layers whose mutants `ModelMutation` can run as batched matrix products
+    (in eval mode): flatten/identity, then only dense, ReLU, dropout and identity layers?"""
+    if not isinstance(module, nn.Sequential):
+        return False
+    children = list(module.children())
+    first = next((i for i, c in enumerate(children) if isinstance(c, nn.Linear)), None)
+    return first is not None and all(
+        isinstance(c, (nn.Linear, nn.ReLU, nn.Dropout, nn.Identity)) for c in children[first:]
+    ) and all(isinstance(c, (nn.Flatten, nn.Identity)) for c in children[:first])
+
+
 class GaussianFuzzer:
     """Deterministic Gaussian-fuzzed copies of a module's dense-layer weights, as stacked parameters.
 
@@ -140,6 +152,7 @@ class ModelMutation(Detector):
         super().__init__(model)
         self.config = config
         self.module, self.input_layer = mutation_target(model)
+        self._stackable = stackable_head(self.module)  # else: vmap over functional_call
         self.fuzzer = self._fuzzer(config.strength)
 
     def _fuzzer(self, strength: float) -> GaussianFuzzer:
@@ -193,17 +206,6 @@ class ModelMutation(Detector):
             elif not isinstance(child, (nn.Dropout, nn.Identity)):  # before the first dense layer
                 h = child(h)
         return h.argmax(dim=-1)
-
-    @property
-    def _stackable(self) -> bool:
-        """Is the mutated module a sequence of layers that `_stacked_labels` runs exactly (in eval mode)?"""
-        if not isinstance(self.module, nn.Sequential):
-            return False
-        children = list(self.module.children())
-        first = next((i for i, c in enumerate(children) if isinstance(c, nn.Linear)), None)
-        return first is not None and all(
-            isinstance(c, (nn.Linear, nn.ReLU, nn.Dropout, nn.Identity)) for c in children[first:]
-        ) and all(isinstance(c, (nn.Flatten, nn.Identity)) for c in children[:first])
 
     def test(self, obs: Observation, sequential: bool | None = None) -> MutationTest:
         """Run the mutants over the inputs of `obs`, stopping each input early when the SPRT decides."""

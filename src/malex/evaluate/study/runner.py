@@ -210,9 +210,13 @@ class Study:
     def _data_spec(self, ds: DatasetSpec, seed: int) -> dict[str, Any]:
         spec = {"data": ds.data, "data_dir": self.config.data_dir, "seed": seed, "n_fit": ds.n_fit,
                 "n_calibration": ds.n_calibration, "n_clean": ds.n_clean}
-        if self._pools(ds, seed).data.val.groups is not None:
+        if self._grouped(ds, seed):
             spec["validation_split"] = "whole groups, stratified by the class of their first input"
         return spec
+
+    def _grouped(self, ds: DatasetSpec, seed: int) -> bool:
+        """Does the dataset's validation split come in groups of near-copies (GTSRB's tracks)?"""
+        return self._pools(ds, seed).data.val.groups is not None
 
     def _model_spec(self, ds: DatasetSpec, seed: int, key: str) -> dict[str, Any]:
         backdoor = ds.backdoor_of(key)
@@ -231,7 +235,7 @@ class Study:
     def _guard_spec(self, ds: DatasetSpec, seed: int, model_id: str) -> dict[str, Any]:
         spec = {"model": model_id, "detectors": list(ds.guard), "fpr": self.config.fpr, "seeded": True,
                 "settings": {d: ds.detector_settings.get(d, {}) for d in ds.guard}, "split": self._data_spec(ds, seed)}
-        if self._pools(ds, seed).data.val.groups is not None:
+        if self._grouped(ds, seed):
             spec["groups_kept_whole"] = True  # the guard's own fit / calibration split keeps groups whole
         return spec
 
