@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 from scipy.stats import spearmanr
 
 from malex.attacks.backdoor import attack_success_rate, make_trigger, triggered_inputs
@@ -53,6 +52,7 @@ from malex.evaluate.metrics import auroc
 from malex.models import Classifier
 from malex.models.inference import accuracy, predict
 from malex.probe import Probe
+from malex.report.table import rows_table
 from peer_model import ARCH, add_model_args, poisoned_model
 
 LAYER = "head.2"
@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['spearman raw']:.6f}", f"{r['spearman det']:.6f}"] for r in rows]
     time_headers = ["implementation", "fit (ms)", "score clean + BadNets (ms)"]
     time_cells = [
-        ["malex Mahalanobis.penultimate (folds=5, default)", f"{1e3 * t_fit_malex:.1f}", f"{1e3 * t_score_malex:.1f}"],
-        ["malex Mahalanobis.penultimate (folds=1)", f"{1e3 * t_fit_malex1:.1f}", "(same as above)"],
+        ["malex Mahalanobis.penultimate (default: one layer, not cross-fitted)", f"{1e3 * t_fit_malex:.1f}",
+         f"{1e3 * t_score_malex:.1f}"],
+        ["malex Mahalanobis.penultimate (folds=1 set explicitly)", f"{1e3 * t_fit_malex1:.1f}", "(same as above)"],
         ["malex raw layer distance (`distances().min`)", "(same fit)", f"{1e3 * t_score_malex_raw:.1f}"],
         [f"pytorch-ood {ood_version} fit_features / predict_features", f"{1e3 * t_fit_ood:.1f}",
          f"{1e3 * t_score_ood:.1f}"],
@@ -205,12 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                                  ("AUROC, BadNets vs clean test", ["score", "AUROC"], auroc_cells),
                                  (f"Wall time (median of {args.repeats}, {args.threads} torch thread(s))",
                                   time_headers, time_cells)):
-        table = Table(title=title)
-        for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if i == 0 else "right")
-        for row in body:
-            table.add_row(*row)
-        console.print(table)
+        console.print(rows_table(title, headers, body))
 
     command = shlex.join(["/tmp/oodvenv/bin/python", "benchmarks/peer_mahalanobis.py",
                           *(sys.argv[1:] if argv is None else argv)])
@@ -223,9 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         f"features: layer {LAYER} (ReLU after the 256-unit dense layer), one malex probe pass; fit set = clean "
         f"validation split, N = {n_fit}, d = {dim}, true labels; scored: {len(z_clean)} clean test inputs and "
         f"{len(z_bd)} BadNets-stamped non-target test inputs that the model sends to the target",
-        "malex: `Mahalanobis.penultimate(model)` (layers=('head.2',), noise_magnitude 0, ridge 0, folds 5); "
+        "malex: `Mahalanobis.penultimate(model)` (layers=('head.2',), noise_magnitude 0, ridge 0; one layer, so "
+        "its score statistics are not cross-fitted); "
         "'raw' is `distances(obs, 'head.2').min(1)` = min_c (f-mu_c)^T pinv(S/N) (f-mu_c) in float64; "
-        "'det score' is `score()` (raw standardised by cross-fitted clean mean/std, a positive affine map)",
+        "'det score' is `score()` (raw standardised by the clean mean/std, a positive affine map)",
         f"pytorch-ood {ood_version}: `Mahalanobis(None).fit_features(z, y)` / `predict_features(z)` = "
         "1/2 min_c (f-mu_c)^T inv(S + 1e-6 I) (f-mu_c) in float32 (no input pre-processing: that is "
         "`MahalanobisODIN`)",
@@ -251,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Spearman rank correlation with pytorch-ood: {both['spearman raw']:.6f} (malex raw), "
         f"{both['spearman det']:.6f} (malex detector score).",
         "AUROC (BadNets vs clean test): " + ", ".join(f"{k} {v:.6f}" for k, v in aurocs.items()) + ".",
-        f"Wall time (features already captured): fit {1e3 * t_fit_malex:.1f} ms malex (folds 5; "
-        f"{1e3 * t_fit_malex1:.1f} ms with folds 1) vs {1e3 * t_fit_ood:.1f} ms pytorch-ood; score "
+        f"Wall time (features already captured): fit {1e3 * t_fit_malex:.1f} ms malex (default; "
+        f"{1e3 * t_fit_malex1:.1f} ms with folds=1 set explicitly) vs {1e3 * t_fit_ood:.1f} ms pytorch-ood; score "
         f"{1e3 * t_score_malex:.1f} ms malex vs {1e3 * t_score_ood:.1f} ms pytorch-ood.",
     ]
     for line in setup + findings:
