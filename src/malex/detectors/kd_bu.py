@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from malex.detectors.stats import (
-    COMBINE_RULES, ZERO_DISTANCE, BoundedSample, LayerwiseDetector, batches, check_layers, feature_matrix,
-    fit_labels, penultimate_layer, preserved_modes,
+    COMBINE_RULES, BoundedSample, LayerwiseDetector, batches, check_layers, feature_matrix,
+    fit_labels, is_copy, penultimate_layer, preserved_modes,
 )
 from malex.device import model_device
 from malex.errors import ConfigError, InputError
@@ -128,7 +128,7 @@ def loo_bandwidth(reference: torch.Tensor, labels: torch.Tensor, candidates: tor
         if rows.shape[0] >= 3:
             d2 = torch.cdist(rows, rows).square()
             scale = (rows * rows).sum(1)
-            d2 = d2.masked_fill(d2 <= ZERO_DISTANCE * (scale.unsqueeze(0) + scale.unsqueeze(1)) + 1e-300, float("inf"))
+            d2 = d2.masked_fill(is_copy(d2, scale.unsqueeze(0) + scale.unsqueeze(1)), float("inf"))
             blocks.append(d2[torch.isfinite(d2).any(dim=1)])
     if not blocks:
         raise InputError("the leave-one-out bandwidth needs three reference inputs of one class")
@@ -158,7 +158,7 @@ def log_kernel_density(
         qc = q[rows]
         d2 = torch.cdist(qc, r).square()
         scale = (qc * qc).sum(1, keepdim=True) + (r * r).sum(1).unsqueeze(0)
-        allowed = d2 > ZERO_DISTANCE * scale + 1e-300
+        allowed = ~is_copy(d2, scale)
         allowed[~allowed.any(dim=1)] = True  # only copies of the query in its class: keep them
         logk = (-d2 / (2.0 * sigma * sigma)).masked_fill(~allowed, float("-inf"))
         out[rows] = torch.logsumexp(logk, dim=1) - allowed.sum(dim=1).to(torch.float64).log()

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from malex.detectors.stats import (
-    COMBINE_RULES, ZERO_DISTANCE, BoundedSample, LayerwiseDetector, batches, check_layers, feature_matrix,
+    COMBINE_RULES, BoundedSample, LayerwiseDetector, batches, check_layers, feature_matrix, is_copy,
 )
 from malex.errors import ConfigError, InputError
 from malex.probe import Observation, default_layers
@@ -77,7 +77,7 @@ def knn_distances(query: torch.Tensor, reference: torch.Tensor, k: int) -> torch
     q, ref = query.to(torch.float64), reference.to(torch.float64)
     d = torch.cdist(q, ref)
     scale = (q * q).sum(1, keepdim=True) + (ref * ref).sum(1).unsqueeze(0)
-    d = d.masked_fill(d * d <= ZERO_DISTANCE * scale + 1e-300, float("inf"))
+    d = d.masked_fill(is_copy(d * d, scale), float("inf"))
     return torch.topk(d, k, dim=1, largest=False, sorted=True).values
 
 
@@ -114,7 +114,7 @@ class NeighbourIndex:
             exact = (self.reference[idx[rows, cols]].double() - query[rows].double()).square().sum(dim=1)
             scale = query[rows].double().square().sum(1) + self.reference[idx[rows, cols]].double().square().sum(1)
             best = best.double()
-            best[rows, cols] = exact.masked_fill(exact <= ZERO_DISTANCE * scale + 1e-300, float("inf"))
+            best[rows, cols] = exact.masked_fill(is_copy(exact, scale), float("inf"))
             best = torch.sort(best, dim=1).values
         out = best[:, :k].double().sqrt()
         short = ~torch.isfinite(out).all(dim=1)  # more copies than the margin: search those rows exactly

@@ -38,6 +38,12 @@ COMBINE_RULES = ("mean", "max")
 ZERO_DISTANCE = 1e-12
 
 
+def is_copy(d2: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Where a squared distance d2 between a query and a reference row (scale: ||q||^2 + ||r||^2, broadcast
+    to d2) marks the row as a copy of the query, by ZERO_DISTANCE."""
+    return d2 <= ZERO_DISTANCE * scale + 1e-300
+
+
 # --- features -------------------------------------------------------------------------------------------
 
 def feature_matrix(t: torch.Tensor, pool: bool) -> torch.Tensor:
