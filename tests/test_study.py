@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from malex.errors import ConfigError, NotFittedError
-from malex.evaluate.study import Cell, Study, load_config, open_study, parse_config
+from malex.evaluate.study import Cell, Selection, Study, load_config, open_study, parse_config
 from malex.evaluate.study.config import tomllib
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -128,6 +128,24 @@ def test_damaged_cell_is_redone(study_run, tmp_path):
     assert run.counts["detector_scores"] == 1  # only the damaged score file; the fgsm scores were intact
     assert json.loads(metrics.read_text())["rows"] == json.loads(
         (study_run["out"] / "cells/digits/fgsm/seed0/metrics.json").read_text())["rows"]
+
+
+def test_a_selected_part_is_computed_and_the_tables_cover_the_whole_grid(study_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(study_run["out"], out)
+    for attack in ("badnets", "fgsm"):
+        (out / f"cells/digits/{attack}/seed0/metrics.json").unlink()
+    log: list[str] = []
+    study = Study(parse_config(shrunk_raw()), out, progress=False, log=log.append)
+    run = study.run(report=False, select=Selection.of(attacks=["fgsm"]))
+    assert [c.attack for c in run.computed] == ["fgsm"] and len(run.cells) == 1
+    assert any("analysis skipped" in line for line in log)
+    md = (out / "results.md").read_text()
+    assert "## Cells not finished" in md and "- digits / badnets / seed 0" in md and "### fgsm" in md
+    with pytest.raises(ConfigError, match="no attack wanet.*expected one of badnets, cw, fgsm"):
+        study.run(select=Selection.of(attacks=["wanet"]))
+    with pytest.raises(ConfigError, match="no seed 7"):
+        study.run(select=Selection.of(seeds=[7]))
 
 
 def test_changed_setting_redoes_what_depends_on_it(study_run, tmp_path):

@@ -258,9 +258,15 @@ def study(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: malex-out/study-NAME)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or per-cell lines."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report (tables are still written)."),
+    datasets: Optional[list[str]] = typer.Option(None, "--dataset", help="Compute only this dataset's cells (repeatable)."),
+    attacks: Optional[list[str]] = typer.Option(None, "--attack", help="Compute only this attack's cells (repeatable)."),
+    seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Compute only this seed's cells (repeatable)."),
 ) -> None:
-    """Run (or resume) a study grid: datasets x attacks x detectors x seeds, with tables and a report."""
-    from malex.evaluate.study import Study, load_config
+    """Run (or resume) a study grid: datasets x attacks x detectors x seeds, with tables and a report.
+
+    --dataset / --attack / --seed compute a part of the grid (the tables still cover all of it; the analysis
+    waits for a run of the whole grid)."""
+    from malex.evaluate.study import Selection, Study, load_config
     from malex.evaluate.study.aggregate import rich_tables, summarise
     from malex.report.table import print_table
 
@@ -269,7 +275,8 @@ def study(
     err = Console(stderr=True)
     log = None if quiet else (lambda msg: err.print(msg, markup=False, highlight=False))
     runner = Study(cfg, target, progress=not quiet, log=log)
-    result = runner.run(config.read_text(encoding="utf-8"), report=not no_report)
+    select = Selection.of(datasets or (), attacks or (), seeds or ())
+    result = runner.run(config.read_text(encoding="utf-8"), report=not no_report, select=select)
     done, missing = runner.results()
     for table in rich_tables(summarise(done)):
         print_table(table)

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -72,6 +72,40 @@ class Cell:
     @property
     def label(self) -> str:
         return f"{self.dataset} / {self.attack} / seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A part of the grid to compute: cells whose dataset, attack and seed are among those named (None: any).
+    Lets a long grid run in slices, in the order one chooses or on several machines into copies of a folder."""
+
+    datasets: frozenset[str] | None = None
+    attacks: frozenset[str] | None = None
+    seeds: frozenset[int] | None = None
+
+    @classmethod
+    def of(cls, datasets: Iterable[str] = (), attacks: Iterable[str] = (), seeds: Iterable[int] = ()) -> "Selection":
+        """Empty iterables select everything on that axis."""
+        return cls(frozenset(datasets) or None, frozenset(attacks) or None, frozenset(seeds) or None)
+
+    @property
+    def everything(self) -> bool:
+        return self.datasets is None and self.attacks is None and self.seeds is None
+
+    def check(self, config: StudyConfig) -> None:
+        """Raise ConfigError naming any dataset, attack or seed that the config's grid does not have."""
+        known = {"dataset": {d.name for d in config.datasets},
+                 "attack": {a.name for d in config.datasets for a in d.attacks}, "seed": set(config.seeds)}
+        for what, chosen in (("dataset", self.datasets), ("attack", self.attacks), ("seed", self.seeds)):
+            unknown = sorted(map(str, (chosen or set()) - known[what]))
+            if unknown:
+                raise ConfigError(f"no {what} {', '.join(unknown)} in the study's grid; expected one of "
+                                  f"{', '.join(sorted(map(str, known[what])))}")
+
+    def covers(self, cell: "Cell") -> bool:
+        return ((self.datasets is None or cell.dataset in self.datasets)
+                and (self.attacks is None or cell.attack in self.attacks)
+                and (self.seeds is None or cell.seed in self.seeds))
 
 
 @dataclass
@@ -166,12 +200,14 @@ class Study:
                     out += [Cell(ds.name, a.name, seed) for a in ds.attacks_on(key)]
         return out
 
-    def run(self, config_text: str | None = None, report: bool = True) -> StudyRun:
-        """Compute every unfinished cell, then the analysis, the tables and (optionally) the report.
+    def run(self, config_text: str | None = None, report: bool = True, select: Selection = Selection()) -> StudyRun:
+        """Compute every unfinished cell (of `select` only, when given), then the analysis (only when the whole
+        grid was selected), the tables and (optionally) the report, both over the whole grid.
         `config_text`: the TOML the config came from, kept in the folder as study.toml."""
         start = time.perf_counter()
+        select.check(self.config)
         self.layout.claim(self.config.raw, self.config.base_dir, config_text)
-        cells = self.cells()
+        cells = [c for c in self.cells() if select.covers(c)]
         computed, skipped = [], []
         for i, cell in enumerate(cells, 1):
             where = f"[{i}/{len(cells)}] {cell.label}"
@@ -185,8 +221,10 @@ class Study:
             computed.append(cell)
             self.log(f"{where}: done in {time.perf_counter() - t0:.1f} s")
         self._forget()
-        if self.config.analysis.enabled:
+        if self.config.analysis.enabled and select.everything:
             self._analyses()
+        elif self.config.analysis.enabled:
+            self.log("analysis skipped: part of the grid was selected (a run of the whole grid makes it)")
         files = self.write_tables()
         if report:
             files["report"] = self.build_report()
@@ -756,14 +794,15 @@ def guard_metrics(clean_score: np.ndarray, clean_flagged: np.ndarray, malicious_
 
 
 def run_study(config: StudyConfig | str | Path, out_dir: str | Path, progress: bool = True, log: Log | None = None,
-              report: bool = True) -> StudyRun:
-    """Run or resume the study `config` (a parsed config or a TOML path) into `out_dir`."""
+              report: bool = True, select: Selection = Selection()) -> StudyRun:
+    """Run or resume the study `config` (a parsed config or a TOML path) into `out_dir` (only the cells of
+    `select`, when given)."""
     text = None
     if not isinstance(config, StudyConfig):
         path = Path(config)
         config = load_config(path)
         text = path.read_text(encoding="utf-8")
-    return Study(config, out_dir, progress=progress, log=log).run(text, report=report)
+    return Study(config, out_dir, progress=progress, log=log).run(text, report=report, select=select)
 
 
 def open_study(out_dir: str | Path, progress: bool = False, log: Log | None = None) -> Study:
