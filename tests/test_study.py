@@ -93,8 +93,6 @@ def test_tables_are_written(study_run):
     out = study_run["out"]
     md = (out / "results.md").read_text()
     assert "### AUROC" in md and "| guard |" in md and "mahalanobis_penultimate" in md
-    every = next(line for line in md.splitlines() if line.startswith("| all |"))  # compute time over the 3 cells
-    assert every.split("|")[2].strip() == "3" and float(every.split("|")[3]) > 0
     lines = (out / "results.csv").read_text().splitlines()
     assert lines[0].startswith("dataset,attack,kind,method,model,seed,detector,auroc")
     assert len(lines) == 1 + 3 * (len(DETECTORS) + 1)

@@ -232,20 +232,6 @@ def attacks_table(attacks: Sequence[dict[str, Any]], dataset: str) -> tuple[list
     return header, body
 
 
-def time_table(cells: Sequence[dict[str, Any]], dataset: str) -> tuple[list[str], list[list[str]]]:
-    """Compute time per attack (summed over seeds) and in all: a cell's time includes training its model and
-    crafting its attack when that cell was the one to make them."""
-    per_attack: dict[str, list[float]] = defaultdict(list)
-    for c in cells:
-        if c["dataset"] == dataset:
-            per_attack[c["attack"]].append(float(c.get("seconds", math.nan)))
-    header = ["attack", "cells", "minutes (sum over seeds)"]
-    body = [[a, str(len(t)), f"{sum(t) / 60:.1f}"] for a, t in per_attack.items()]
-    every = [t for ts in per_attack.values() for t in ts]
-    body.append(["all", str(len(every)), f"{sum(every) / 60:.1f}"])
-    return header, body
-
-
 def numeric_columns(body: Sequence[Sequence[str]]) -> list[bool]:
     """Per column: whether every cell reads as a number (or '–'), to align it right."""
     if not body:
@@ -284,11 +270,7 @@ def markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
                   markdown_table(*floor_table(summary, dataset, FLOORS)), "",
                   "### The study's claim: backdoor inputs are detected more accurately than adversarial ones", "",
                   "Means over the attacks of each kind (the ± here is the spread over attacks, not seeds).", "",
-                  markdown_table(*claim_table(summary, dataset, FLOORS)), "",
-                  "### Compute time", "",
-                  "The cells' own times, however many runs computed them (a resumed run adds no time for the "
-                  "cells it skips); the analysis and report of a run add about a minute.", "",
-                  markdown_table(*time_table(cells, dataset)), ""]
+                  markdown_table(*claim_table(summary, dataset, FLOORS)), ""]
         for attack in _ordered(s["attack"] for s in summary if s["dataset"] == dataset):
             kind = next(s["kind"] for s in summary if s["dataset"] == dataset and s["attack"] == attack)
             lines += [f"### {attack} ({kind})", "", markdown_table(*attack_table(summary, dataset, attack)), ""]
