@@ -133,11 +133,15 @@ def test_a_selected_part_is_computed_and_the_tables_cover_the_whole_grid(study_r
     shutil.copytree(study_run["out"], out)
     for attack in ("badnets", "fgsm"):
         (out / f"cells/digits/{attack}/seed0/metrics.json").unlink()
+    (out / "attacks/digits/seed0/badnets.safetensors").unlink()
+    for analysis in (out / "analysis").rglob("*.safetensors"):
+        analysis.unlink()
     log: list[str] = []
     study = Study(parse_config(shrunk_raw()), out, progress=False, log=log.append)
     run = study.run(report=False, select=Selection.of(attacks=["fgsm"]))
     assert [c.attack for c in run.computed] == ["fgsm"] and len(run.cells) == 1
-    assert any("analysis skipped" in line for line in log)
+    assert run.counts["attacks_crafted"] == 0 and run.counts["analyses"] == 1  # the clean model's; not badnets'
+    assert any("badnets model / seed 0 waits for its model and attacks" in line for line in log)
     md = (out / "results.md").read_text()
     assert "## Cells not finished" in md and "- digits / badnets / seed 0" in md and "### fgsm" in md
     with pytest.raises(ConfigError, match="no attack wanet.*expected one of badnets, cw, fgsm"):

@@ -265,7 +265,7 @@ def study(
     """Run (or resume) a study grid: datasets x attacks x detectors x seeds, with tables and a report.
 
     --dataset / --attack / --seed compute a part of the grid (the tables still cover all of it; the analysis
-    waits for a run of the whole grid)."""
+    covers the models whose attacks are all crafted)."""
     from malex.evaluate.study import Selection, Study, load_config
     from malex.evaluate.study.aggregate import rich_tables, summarise
     from malex.report.table import print_table

@@ -201,8 +201,9 @@ class Study:
         return out
 
     def run(self, config_text: str | None = None, report: bool = True, select: Selection = Selection()) -> StudyRun:
-        """Compute every unfinished cell (of `select` only, when given), then the analysis (only when the whole
-        grid was selected), the tables and (optionally) the report, both over the whole grid.
+        """Compute every unfinished cell (of `select` only, when given), then the analysis (of the models whose
+        attacks are all crafted, when only part of the grid was selected), the tables and (optionally) the
+        report, both over the whole grid.
         `config_text`: the TOML the config came from, kept in the folder as study.toml."""
         start = time.perf_counter()
         select.check(self.config)
@@ -221,10 +222,8 @@ class Study:
             computed.append(cell)
             self.log(f"{where}: done in {time.perf_counter() - t0:.1f} s")
         self._forget()
-        if self.config.analysis.enabled and select.everything:
-            self._analyses()
-        elif self.config.analysis.enabled:
-            self.log("analysis skipped: part of the grid was selected (a run of the whole grid makes it)")
+        if self.config.analysis.enabled:
+            self._analyses(make_missing=select.everything)
         files = self.write_tables()
         if report:
             files["report"] = self.build_report()
@@ -699,14 +698,19 @@ class Study:
         except (KeyError, TypeError):
             return None
 
-    def _analyses(self) -> None:
+    def _analyses(self, make_missing: bool = True) -> None:
+        """The three-space analysis of every model at the analysis seed. `make_missing`: train the model and
+        craft its attacks when they are not on disk (else leave that model's analysis for a later run)."""
         seed = self.config.analysis_seed
         a = self.config.analysis
         for ds in self.config.datasets:
             for key in ds.model_keys:
                 if self.analysis(ds, key) is not None:
                     continue
-                if self._analysis_spec(ds, seed, key) is None:  # the analysis seed is not in the grid: make it
+                if self._analysis_spec(ds, seed, key) is None:  # its model or attacks are not made yet
+                    if not make_missing:
+                        self.log(f"analysis: {ds.name} / {key} model / seed {seed} waits for its model and attacks")
+                        continue
                     for attack in ds.attacks_on(key):
                         self._attack(ds, seed, attack)
                 self.log(f"analysis: {ds.name} / {key} model / seed {seed}")
