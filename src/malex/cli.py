@@ -258,8 +258,10 @@ def study(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: malex-out/study-NAME)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or per-cell lines."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report (tables are still written)."),
-    datasets: Optional[list[str]] = typer.Option(None, "--dataset", help="Compute only this dataset's cells (repeatable)."),
-    attacks: Optional[list[str]] = typer.Option(None, "--attack", help="Compute only this attack's cells (repeatable)."),
+    datasets: Optional[list[str]] = typer.Option(None, "--dataset",
+                                                 help="Compute only this dataset's cells (repeatable)."),
+    attacks: Optional[list[str]] = typer.Option(None, "--attack",
+                                                help="Compute only this attack's cells (repeatable)."),
     seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Compute only this seed's cells (repeatable)."),
 ) -> None:
     """Run (or resume) a study grid: datasets x attacks x detectors x seeds, with tables and a report.
