@@ -70,6 +70,14 @@ def grouped_split(y: torch.Tensor, groups: torch.Tensor, fractions: tuple[float,
     return out
 
 
+def split_keeping_groups(y: torch.Tensor, groups: torch.Tensor | None, fractions: tuple[float, ...], seed: int
+                         ) -> list[torch.Tensor]:
+    """`grouped_split` when `groups` (near-copies to keep together) is given, else `stratified_split`."""
+    if groups is None:
+        return stratified_split(y, fractions, seed)
+    return grouped_split(y, groups, fractions, seed)
+
+
 def stratified_split(y: torch.Tensor, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:
     """Split indices 0..len(y)-1 into len(fractions) parts with the class mix of `y` in each."""
     gen = torch.Generator().manual_seed(seed)

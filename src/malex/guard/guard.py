@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from malex.data.dataset import grouped_split, stratified_split
+from malex.data.dataset import split_keeping_groups
 from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
 from malex.detectors.calibration import Threshold, calibrate
@@ -136,11 +136,7 @@ def fit_calibration_split(labels: torch.Tensor, groups: torch.Tensor | None, cal
                           max_fit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit, calibration) indices: stratified by label, whole groups on one side when `groups` is given, and
     at most `max_fit` fit inputs (a seeded random share of the fit side, whole groups, calibrates instead)."""
-    fractions = (1 - calibration_fraction, calibration_fraction)
-    if groups is None:
-        fit_idx, cal_idx = stratified_split(labels, fractions, seed)
-    else:
-        fit_idx, cal_idx = grouped_split(labels, groups, fractions, seed)
+    fit_idx, cal_idx = split_keeping_groups(labels, groups, (1 - calibration_fraction, calibration_fraction), seed)
     if max_fit is None or len(fit_idx) <= max_fit:
         return fit_idx, cal_idx
     gen = torch.Generator().manual_seed(seed)

@@ -38,7 +38,7 @@ from torch import nn
 from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, make_adversarial
 from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split
 from malex.data import load_dataset
-from malex.data.dataset import Dataset, Split, grouped_split, stratified_split
+from malex.data.dataset import Dataset, Split, split_keeping_groups, stratified_split
 from malex.detectors import Detector, make_detector
 from malex.detectors.calibration import calibrate
 from malex.device import select_device
@@ -340,10 +340,8 @@ class Study:
         if not 0 <= ds.target < data.num_classes:
             raise ConfigError(f"datasets.{ds.name}.target: {ds.target} is not a class of {data.name}; expected "
                               f"0..{data.num_classes - 1}")
-        if data.val.groups is not None:  # near-copies (GTSRB's frames of one sign) stay on one side
-            fit_idx, cal_idx = grouped_split(data.val.y, data.val.groups, (0.5, 0.5), seed)
-        else:
-            fit_idx, cal_idx = stratified_split(data.val.y, (0.5, 0.5), seed)
+        # near-copies (GTSRB's frames of one sign) stay on one side
+        fit_idx, cal_idx = split_keeping_groups(data.val.y, data.val.groups, (0.5, 0.5), seed)
         clean_idx, source_idx = stratified_split(data.test.y, (0.5, 0.5), seed)
         return Pools(data, data.val.subset(fit_idx[:ds.n_fit]), data.val.subset(cal_idx[:ds.n_calibration]),
                      data.test.subset(clean_idx), data.test.subset(source_idx))
