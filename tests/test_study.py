@@ -231,7 +231,7 @@ def test_config_files_parse():
     from malex.attacks.backdoor import TRIGGERS
     from malex.models import ARCHITECTURES
 
-    for name, seeds in (("mnist_gtsrb.toml", 3), ("cifar10.toml", 3), ("cifar10_cpu.toml", 1)):
+    for name, seeds in (("mnist_gtsrb.toml", 3), ("cifar10.toml", 3), ("cifar10_cpu.toml", 3)):
         raw = tomllib.loads((CONFIGS / name).read_text())
         needed = {t.get("trigger", n) for n, t in raw.get("backdoors", {}).items()}
         archs = {d["arch"] for d in raw["datasets"].values()}
