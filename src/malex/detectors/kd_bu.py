@@ -174,10 +174,7 @@ class KDBU(LayerwiseDetector):
     ) + LayerwiseDetector.common_attributes
 
     def __init__(self, model: nn.Module, config: KDBUConfig = KDBUConfig()) -> None:
-        super().__init__(model)
-        self.config = config
-        self.combine = config.combine
-        self.batch_size = config.batch_size
+        super().__init__(model, config)
         self._layer = check_layers(model, [config.layer or penultimate_layer(model)])[0]
         self._dropout = dropout_modules(model)
         head = getattr(model, "head", None)

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from malex.detectors.stats import (
-    COMBINE_RULES, BoundedSample, LayerwiseDetector, batches, check_layers, feature_matrix, is_copy,
+    COMBINE_RULES, BoundedSample, PerLayerDetector, batches, feature_matrix, is_copy,
 )
 from malex.errors import ConfigError, InputError
-from malex.probe import Observation, default_layers
+from malex.probe import Observation
 
 @dataclass(frozen=True)
 class LIDConfig:
@@ -123,26 +123,15 @@ class NeighbourIndex:
         return out
 
 
-class LID(LayerwiseDetector):
+class LID(PerLayerDetector):
     """Per-layer LID estimates against a bounded clean reference set, standardised and combined."""
 
     name = "lid"
-    fitted_attributes = ("layers_", "reference_", "k_", "pool_") + LayerwiseDetector.common_attributes
+    fitted_attributes = ("layers_", "reference_", "k_", "pool_") + PerLayerDetector.common_attributes
 
     def __init__(self, model: nn.Module, config: LIDConfig = LIDConfig()) -> None:
-        super().__init__(model)
-        self.config = config
-        self.combine = config.combine
-        self.batch_size = config.batch_size
-        self._layers = check_layers(model, config.layers if config.layers is not None else default_layers(model))
+        super().__init__(model, config)
         self._index: dict[str, NeighbourIndex] = {}
-
-    def layers(self) -> list[str]:
-        return list(getattr(self, "layers_", self._layers))
-
-    @property
-    def columns(self) -> list[str]:
-        return self.layers()
 
     def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "LID":
         """Sample the reference set while streaming over `clean` (labels are not used), then the clean

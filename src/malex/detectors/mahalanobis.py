@@ -51,11 +51,11 @@ from torch import nn
 
 from malex.device import model_device
 from malex.detectors.stats import (
-    COMBINE_RULES, ClassMoments, LayerwiseDetector, RunningMoments, batches, check_layers, feature_matrix, fit_labels,
+    COMBINE_RULES, ClassMoments, PerLayerDetector, RunningMoments, batches, feature_matrix, fit_labels,
     penultimate_layer, preserved_modes,
 )
 from malex.errors import ConfigError, InputError
-from malex.probe import INPUT_SUFFIX, Observation, default_layers
+from malex.probe import INPUT_SUFFIX, Observation
 
 
 #: per layer, whitened: class means times the whitener (K, r), the whitener W (d, r) with W W^T = precision,
@@ -126,31 +126,20 @@ def class_distances(f: torch.Tensor, params: LayerParams) -> torch.Tensor:
     return d2.masked_fill(~present.unsqueeze(0), float("inf"))
 
 
-class Mahalanobis(LayerwiseDetector):
+class Mahalanobis(PerLayerDetector):
     """Minimum class-conditional Mahalanobis distance per layer with a tied covariance, fitted on clean data."""
 
     name = "mahalanobis"
-    fitted_attributes = ("layers_", "means_", "whitener_", "class_counts_") + LayerwiseDetector.common_attributes
+    fitted_attributes = ("layers_", "means_", "whitener_", "class_counts_") + PerLayerDetector.common_attributes
 
     def __init__(self, model: nn.Module, config: MahalanobisConfig = MahalanobisConfig()) -> None:
-        super().__init__(model)
-        self.config = config
-        self.combine = config.combine
-        self.batch_size = config.batch_size
-        self._layers = check_layers(model, config.layers if config.layers is not None else default_layers(model))
+        super().__init__(model, config)
         self._whitened: dict[str, LayerParams] = {}
 
     @classmethod
     def penultimate(cls, model: nn.Module, **settings) -> "Mahalanobis":
         """The plain penultimate-layer Mahalanobis detector: one layer (the last hidden), no pre-processing."""
         return cls(model, MahalanobisConfig(layers=(penultimate_layer(model),), noise_magnitude=0.0, **settings))
-
-    def layers(self) -> list[str]:
-        return list(getattr(self, "layers_", self._layers))
-
-    @property
-    def columns(self) -> list[str]:
-        return self.layers()
 
     def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "Mahalanobis":
         """Stream class means and the tied covariance per layer (labels `y`, else the model's predictions),

@@ -274,8 +274,13 @@ class LayerwiseDetector(Detector):
 
     #: attributes every layer-wise detector sets in `fit`
     common_attributes: tuple[str, ...] = ("score_mean_", "score_std_", "coef_", "intercept_")
-    combine: str = "mean"
-    batch_size: int = 256
+
+    def __init__(self, model: nn.Module, config) -> None:
+        """`config` is the detector's dataclass; its `combine` and `batch_size` are read here."""
+        super().__init__(model)
+        self.config = config
+        self.combine: str = config.combine
+        self.batch_size: int = config.batch_size
 
     @abstractmethod
     def _raw_scores(self, obs: Observation) -> np.ndarray:
@@ -333,3 +338,19 @@ class LayerwiseDetector(Detector):
         zm = (self._raw_scores(malicious) - self.score_mean_) / self.score_std_
         self.coef_, self.intercept_ = fit_logistic(zc, zm, c)
         return self
+
+
+class PerLayerDetector(LayerwiseDetector):
+    """A layer-wise detector with one score column per chosen layer: `config.layers`, or the model's default
+    layers when that is None. `fit` sets `layers_`."""
+
+    def __init__(self, model: nn.Module, config) -> None:
+        super().__init__(model, config)
+        self._layers = check_layers(model, config.layers if config.layers is not None else default_layers(model))
+
+    def layers(self) -> list[str]:
+        return list(getattr(self, "layers_", self._layers))
+
+    @property
+    def columns(self) -> list[str]:
+        return self.layers()
