@@ -113,6 +113,51 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+#: per (dataset, attack, kind), per candidate set, one result per seed
+Results = dict[tuple[str, str, str], dict[str, list[dict[str, float]]]]
+
+
+def summary_table(results: Results, names: list[str]) -> str:
+    """Per set: mean AUROC over the backdoor and the adversarial cells, the worst cell, and at the threshold
+    the clean FPR and the share of malicious inputs caught."""
+    header = ["set", "detectors", "mean AUROC, backdoor cells", "mean AUROC, adversarial cells",
+              "worst cell AUROC", "clean FPR at the threshold", "malicious caught"]
+    rows = []
+    for s in names:
+        runs = {k: v[s] for k, v in results.items() if s in v}
+        every = [r for v in runs.values() for r in v]
+        by_kind = {kind: [r["auroc"] for (_, _, k), v in runs.items() if k == kind for r in v]
+                   for kind in ("backdoor", "adversarial")}
+        rows.append([s, ", ".join(CANDIDATES[s]) or "every detector of the study",
+                     f"{np.mean(by_kind['backdoor']):.3f}", f"{np.mean(by_kind['adversarial']):.3f}",
+                     f"{min(r['auroc'] for r in every):.3f}", mean_std([r["clean_fpr"] for r in every]),
+                     f"{np.mean([r['caught'] for r in every]):.3f}"])
+    return markdown(header, rows)
+
+
+def dataset_table(results: Results, names: list[str]) -> str:
+    """Per set and dataset: mean AUROC over the backdoor cells / over the adversarial cells."""
+    datasets = list(dict.fromkeys(d for d, _, _ in results))
+    rows = []
+    for s in names:
+        row = [s]
+        for ds in datasets:
+            means = [np.mean([r["auroc"] for (d, _, k), v in results.items() if d == ds and k == kind
+                              for r in v.get(s, [])]) for kind in ("backdoor", "adversarial")]
+            row.append(" / ".join(f"{m:.3f}" for m in means))
+        rows.append(row)
+    return markdown(["set"] + [f"{ds}: backdoor / adversarial" for ds in datasets], rows)
+
+
+def cell_table(results: Results, names: list[str]) -> str:
+    """Per cell: AUROC and TPR at 1% FPR of every set, mean ± std over seeds."""
+    header = ["dataset", "attack", "seeds"] + [f"{n}: AUROC / TPR@1%" for n in names]
+    rows = [[dataset, f"{attack} ({kind})", str(len(by_set["default"]))] + [
+        f"{mean_std([r['auroc'] for r in by_set[s]])} / {mean_std([r['tpr1'] for r in by_set[s]])}"
+        if s in by_set else "–" for s in names] for (dataset, attack, kind), by_set in results.items()]
+    return markdown(header, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("studies", nargs="+", type=Path, help="finished (or partly finished) study folders")
@@ -126,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished cells in " + ", ".join(map(str, args.studies)), file=sys.stderr)
         return 2
     names = list(CANDIDATES)
-    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    results: Results = {}
     gaps = []
     for cell in track(cells, "re-combining guards"):
         pvalues = cell_pvalues(cell)
@@ -138,34 +183,15 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault((cell.dataset, cell.attack, cell.kind), {}).setdefault(name, []).append(r)
             if name == "default" and cell.fitted_guard_auroc is not None:
                 gaps.append(r["auroc"] - cell.fitted_guard_auroc)
-
-    header = ["dataset", "attack", "seeds"] + [f"{n}: AUROC / TPR@1%" for n in names]
-    rows = []
-    for (dataset, attack, kind), by_set in results.items():
-        n = len(by_set["default"])
-        rows.append([dataset, f"{attack} ({kind})", str(n)] + [
-            f"{mean_std([r['auroc'] for r in by_set[s]])} / {mean_std([r['tpr1'] for r in by_set[s]])}"
-            if s in by_set else "–" for s in names])
-    summary_header = ["set", "detectors", "mean AUROC, backdoor cells", "mean AUROC, adversarial cells",
-                      "worst cell AUROC", "clean FPR at the threshold", "malicious caught"]
-    summary = []
-    for s in names:
-        runs = {k: v[s] for k, v in results.items() if s in v}
-        every = [r for v in runs.values() for r in v]
-        by_kind = {kind: [r["auroc"] for (_, _, k), v in runs.items() if k == kind for r in v]
-                   for kind in ("backdoor", "adversarial")}
-        summary.append([s, ", ".join(CANDIDATES[s]) or "every detector of the study",
-                        f"{np.mean(by_kind['backdoor']):.3f}", f"{np.mean(by_kind['adversarial']):.3f}",
-                        f"{min(r['auroc'] for r in every):.3f}", mean_std([r["clean_fpr"] for r in every]),
-                        f"{np.mean([r['caught'] for r in every]):.3f}"])
     gap = np.abs(gaps)
     text = "\n\n".join([
         f"# Guard detector sets, re-combined from cached study scores\n\n"
         f"`python {shlex.join(['benchmarks/guard_sets.py'] + argv)}` on "
         f"{dt.date.today().isoformat()}: {len(cells)} finished cells from {', '.join(map(str, args.studies))}; "
         f"target FPR {args.fpr}.",
-        "## Summary over all cells\n\n" + markdown(summary_header, summary),
-        "## Per cell (mean ± std over seeds)\n\n" + markdown(header, rows),
+        "## Summary over all cells\n\n" + summary_table(results, names),
+        "## Mean AUROC by dataset\n\n" + dataset_table(results, names),
+        "## Per cell (mean ± std over seeds)\n\n" + cell_table(results, names),
         f"Re-combined default set against the study's fitted guard: AUROC differs by {gap.mean():.4f} on average "
         f"(largest {gap.max():.4f}) over {len(gap)} cells." if len(gap) else "",
     ])
