@@ -27,6 +27,7 @@ import numpy as np
 
 from malex.detectors.calibration import calibrate
 from malex.evaluate.metrics import auroc, tpr_at_fpr
+from malex.evaluate.study import aggregate
 from malex.evaluate.study.cache import StudyLayout, read_json, read_tensors
 from malex.guard import GuardConfig
 from malex.guard.guard import combine_pvalues
@@ -104,13 +105,8 @@ def recombine(pvalues: dict[str, dict[str, np.ndarray]], detectors: tuple[str, .
 
 
 def mean_std(values: list[float]) -> str:
-    v = np.asarray(values, dtype=np.float64)
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    """'mean ± sample std' over seeds, as the study's own tables write it."""
+    return aggregate.fmt(*aggregate.mean_std(values))
 
 
 #: per (dataset, attack, kind), per candidate set, one result per seed
@@ -132,7 +128,7 @@ def summary_table(results: Results, names: list[str]) -> str:
                      f"{np.mean(by_kind['backdoor']):.3f}", f"{np.mean(by_kind['adversarial']):.3f}",
                      f"{min(r['auroc'] for r in every):.3f}", mean_std([r["clean_fpr"] for r in every]),
                      f"{np.mean([r['caught'] for r in every]):.3f}"])
-    return markdown(header, rows)
+    return aggregate.markdown_table(header, rows)
 
 
 def dataset_table(results: Results, names: list[str]) -> str:
@@ -146,7 +142,7 @@ def dataset_table(results: Results, names: list[str]) -> str:
                               for r in v.get(s, [])]) for kind in ("backdoor", "adversarial")]
             row.append(" / ".join(f"{m:.3f}" for m in means))
         rows.append(row)
-    return markdown(["set"] + [f"{ds}: backdoor / adversarial" for ds in datasets], rows)
+    return aggregate.markdown_table(["set"] + [f"{ds}: backdoor / adversarial" for ds in datasets], rows)
 
 
 def cell_table(results: Results, names: list[str]) -> str:
@@ -155,7 +151,7 @@ def cell_table(results: Results, names: list[str]) -> str:
     rows = [[dataset, f"{attack} ({kind})", str(len(by_set["default"]))] + [
         f"{mean_std([r['auroc'] for r in by_set[s]])} / {mean_std([r['tpr1'] for r in by_set[s]])}"
         if s in by_set else "–" for s in names] for (dataset, attack, kind), by_set in results.items()]
-    return markdown(header, rows)
+    return aggregate.markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
