@@ -32,7 +32,7 @@ from malex.attacks.backdoor import PoisonConfig, Trigger, make_trigger, poison_s
 from malex.data import load_npz
 from malex.data.dataset import Dataset, stratified_split
 from malex.detectors import make_detector
-from malex.evaluate.metrics import auroc
+from malex.metrics import auroc
 from malex.models import build_model, load_model, save_model
 from malex.models.inference import accuracy, predict
 from malex.models.train import TrainConfig, train_classifier

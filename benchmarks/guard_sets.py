@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from malex.detectors.calibration import calibrate
-from malex.evaluate.metrics import auroc, tpr_at_fpr
+from malex.calibration import calibrate
+from malex.metrics import auroc, tpr_at_fpr
 from malex.evaluate.study import aggregate
 from malex.evaluate.study.cache import StudyLayout, read_json, read_tensors
 from malex.guard import GuardConfig

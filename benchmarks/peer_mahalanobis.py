@@ -48,7 +48,7 @@ from malex.attacks.backdoor import attack_success_rate, make_trigger, triggered_
 from malex.data import load_digits
 from malex.detectors.mahalanobis import Mahalanobis
 from malex.detectors.stats import penultimate_layer
-from malex.evaluate.metrics import auroc
+from malex.metrics import auroc
 from malex.models import Classifier
 from malex.models.inference import accuracy, predict
 from malex.probe import Probe

@@ -54,7 +54,7 @@ from torch import nn
 from malex.attacks.backdoor import attack_success_rate, make_trigger, triggered_inputs
 from malex.data import load_digits
 from malex.detectors.strip import Strip, StripConfig
-from malex.evaluate.metrics import auroc
+from malex.metrics import auroc
 from malex.models import Classifier
 from malex.models.inference import accuracy, predict
 from malex.probe import Probe

@@ -22,7 +22,7 @@ from torch import nn
 from malex.detectors.ibd_psc import IBDPSC, IBDPSCConfig, amplifiable_layers
 from malex.detectors.scale_up import ScaleUp, ScaleUpConfig, scaled_consistency
 from malex.errors import ConfigError, NotFittedError
-from malex.evaluate.metrics import auroc
+from malex.metrics import auroc
 from malex.probe import Probe
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ from malex.detectors import SPRT, ModelMutation, MutationConfig, Strip, StripCon
 from malex.detectors.mutation import GaussianFuzzer
 from malex.detectors.strip import entropy
 from malex.errors import ConfigError, NotFittedError
-from malex.evaluate.metrics import auroc
+from malex.metrics import auroc
 from malex.models.inference import predict
 from malex.probe import Probe
 

@@ -18,7 +18,7 @@ from malex.detectors.lid import LID, LIDConfig, NeighbourIndex, knn_distances, l
 from malex.detectors.mahalanobis import Mahalanobis, MahalanobisConfig, class_distances, layer_params, tied_precision, tied_whitener
 from malex.detectors.stats import BoundedSample, ClassMoments, RunningMoments
 from malex.errors import ConfigError, NotFittedError
-from malex.evaluate.metrics import auroc
+from malex.metrics import auroc
 from malex.models import build_model
 from malex.probe import Observation, Probe
 

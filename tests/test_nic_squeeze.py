@@ -36,7 +36,7 @@ from malex.detectors.squeeze import (
     squeeze,
 )
 from malex.errors import ConfigError, NotFittedError
-from malex.evaluate.metrics import auroc
+from malex.metrics import auroc
 from malex.probe import Observation, Probe
 
 torch.set_num_threads(1)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from malex.detectors.calibration import Threshold, calibrate
+from malex.calibration import Threshold, calibrate
 from malex.errors import ConfigError, InputError
-from malex.evaluate.metrics import auroc, evaluate_scores, roc, tpr_at_fpr
+from malex.metrics import auroc, evaluate_scores, roc, tpr_at_fpr
 from malex.probe import Observation, Probe, default_layers, observe
 
 # ---------------------------------------------------------------------------------------------------- probe
@@ -200,7 +200,7 @@ def test_metrics_reject_bad_scores(clean, malicious):
 
 
 def test_nan_scores_are_flagged_not_passed():
-    from malex.detectors.calibration import Threshold
+    from malex.calibration import Threshold
 
     flags = Threshold(0.5, 0.05).flags(np.array([0.1, np.nan, 0.9]))
     assert flags.tolist() == [False, True, True]

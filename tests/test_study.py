@@ -248,7 +248,7 @@ def test_config_files_parse():
 def test_msp_separates_low_confidence_inputs(study_run):
     from malex.data import load_digits
     from malex.detectors import make_detector
-    from malex.evaluate.metrics import auroc
+    from malex.metrics import auroc
     from malex.models import load_model
     from malex.models.inference import predict_logits
 

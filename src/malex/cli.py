@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from malex.calibration import DEFAULT_FPR
 from malex.errors import MalexError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -135,7 +136,7 @@ def fit(
     labels: Optional[Path] = typer.Option(None, help="Labels (.npy) for an image file given as --data."),
     detectors: Optional[str] = typer.Option(None, help="Comma-separated detector names (default: the guard's "
                                             "mutation_adv,mutation_bd,kd_bu,mahalanobis)."),
-    fpr: float = typer.Option(0.05, help="Target false-positive rate of the whole guard."),
+    fpr: float = typer.Option(DEFAULT_FPR, help="Target false-positive rate of the whole guard."),
     seed: int = typer.Option(0, help="Seed."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from malex.detectors.base import Detector
-from malex.detectors.calibration import Threshold, calibrate
+from malex.calibration import Threshold, calibrate
 from malex.detectors.ibd_psc import IBDPSC, IBDPSCConfig
 from malex.detectors.kd_bu import KDBU, KDBUConfig
 from malex.detectors.lid import LID, LIDConfig

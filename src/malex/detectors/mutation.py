@@ -46,7 +46,9 @@ class MutationConfig:
     alpha: float = 0.05
     beta: float = 0.05
     indifference: float = 0.05
-    fpr: float = 0.05
+    #: share of clean inputs whose LCR lies beyond the SPRT's LCR threshold (the quantile that sets it; not the
+    #: guard's false-positive rate, which is calibrated on the detector's scores)
+    lcr_tail: float = 0.05
     chunk: int = 10
     sequential: bool = True
     seed: int = 0
@@ -63,8 +65,8 @@ class MutationConfig:
             raise ConfigError(f"suspicious is {self.suspicious!r}; expected 'high' or 'low'")
         if self.target_clean_lcr is not None and not 0 < self.target_clean_lcr < 1:
             raise ConfigError(f"target_clean_lcr is {self.target_clean_lcr}; expected a value in (0, 1)")
-        if not 0 < self.indifference < 0.5 or not 0 < self.fpr < 0.5:
-            raise ConfigError(f"indifference {self.indifference} and fpr {self.fpr} must lie in (0, 0.5)")
+        if not 0 < self.indifference < 0.5 or not 0 < self.lcr_tail < 0.5:
+            raise ConfigError(f"indifference {self.indifference} and lcr_tail {self.lcr_tail} must lie in (0, 0.5)")
 
 
 @dataclass(frozen=True)
@@ -262,12 +264,12 @@ class ModelMutation(Detector):
         return self.strength
 
     def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "ModelMutation":
-        """Calibrate the strength (if asked) and the LCR threshold at the clean `fpr` quantile."""
+        """Calibrate the strength (if asked) and the LCR threshold at the clean `lcr_tail` quantile."""
         if self.config.target_clean_lcr is not None:
             self._search_strength(clean, self.config.target_clean_lcr)
         self.strength_ = self.strength
         lcr = self.test(clean, sequential=False).lcr
-        q = 1.0 - self.config.fpr if self.config.suspicious == "high" else self.config.fpr
+        q = 1.0 - self.config.lcr_tail if self.config.suspicious == "high" else self.config.lcr_tail
         self.clean_lcr_mean_ = float(lcr.mean())
         self.lcr_threshold_ = float(np.quantile(lcr, q))
         return self

@@ -16,6 +16,7 @@ import torch
 
 from malex.attacks.adversarial import make_adversarial
 from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split, triggered_inputs
+from malex.calibration import DEFAULT_FPR
 from malex.data import Split, load_digits, stratified_split
 from malex.detectors import ModelMutation, make_detector
 from malex.evaluate.detection import DetectionRun, run_detectors
@@ -46,7 +47,7 @@ class DemoConfig:
     pgd_steps: int = 20
     cw_steps: int = 100
     detectors: tuple[str, ...] = ("mutation_adv", "mutation_bd", "strip")
-    fpr: float = 0.05
+    fpr: float = DEFAULT_FPR
     progress: bool = True
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from malex.detectors.base import Detector
-from malex.detectors.calibration import Threshold, calibrate
-from malex.evaluate.metrics import DetectionMetrics, evaluate_scores
+from malex.calibration import DEFAULT_FPR, Threshold, calibrate
+from malex.metrics import DetectionMetrics, evaluate_scores
 from malex.probe import Observation, Probe
 from malex.progress import track
 
@@ -36,7 +36,7 @@ def run_detectors(
     clean_x: torch.Tensor,
     malicious: dict[str, torch.Tensor],
     fit_y: torch.Tensor | None = None,
-    fpr: float = 0.05,
+    fpr: float = DEFAULT_FPR,
     progress: bool = True,
 ) -> DetectionRun:
     """Fit every detector on `fit_x`, set its threshold at `fpr` on `calibration_x`, score the rest.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from malex.detectors.calibration import calibrate
-from malex.evaluate.metrics import DetectionMetrics, evaluate_scores
+from malex.calibration import calibrate
+from malex.metrics import DetectionMetrics, evaluate_scores
 from malex.guard.guard import Guard
 
 GUARD_ROW = "guard"

@@ -29,7 +29,7 @@ from torch import nn
 from malex.data.dataset import split_keeping_groups
 from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
-from malex.detectors.calibration import Threshold, calibrate
+from malex.calibration import DEFAULT_FPR, Threshold, calibrate, check_fpr
 from malex.errors import ConfigError, NotFittedError
 from malex.guard.pvalues import in_sample_tail_pvalues, tail_pvalues
 from malex.probe import Observation, Probe
@@ -65,7 +65,7 @@ class GuardConfig:
 
     detectors: tuple[str, ...] = ("mutation_adv", "mutation_bd", "kd_bu", "mahalanobis")
     settings: dict[str, dict] = field(default_factory=dict)
-    fpr: float = 0.05
+    fpr: float = DEFAULT_FPR
     calibration_fraction: float = 0.4
     max_fit: int | None = 10_000
     seed: int = 0
@@ -77,8 +77,9 @@ class GuardConfig:
             raise ConfigError("a guard needs at least one detector")
         if len(set(self.detectors)) != len(self.detectors):
             raise ConfigError(f"detectors {self.detectors} name one detector twice")
-        if not 0 < self.fpr < 1 or not 0 < self.calibration_fraction < 1:
-            raise ConfigError(f"fpr {self.fpr} and calibration_fraction {self.calibration_fraction} must lie in (0, 1)")
+        check_fpr(self.fpr, "fpr")
+        if not 0 < self.calibration_fraction < 1:
+            raise ConfigError(f"calibration_fraction is {self.calibration_fraction}; expected a value in (0, 1)")
         if self.max_fit is not None and (isinstance(self.max_fit, bool) or not isinstance(self.max_fit, int)
                                          or self.max_fit < 10):
             raise ConfigError(f"max_fit is {self.max_fit!r}; expected None or an int >= 10")
@@ -193,10 +194,11 @@ class Guard:
         self.calibration_scores_ = self._calibration_scores(x, cal_idx)
         beyond = len(cal_idx) * self.config.fpr
         if beyond < MIN_BEYOND:
+            need = (f"give at least {int(np.ceil(MIN_BEYOND / (self.config.fpr * frac)))} clean inputs"
+                    if self.config.fpr > 0 else "at 0% FPR the threshold is the largest clean calibration score")
             warnings.warn(
                 f"{len(cal_idx)} clean calibration inputs put only {beyond:.1f} of them beyond the threshold at "
-                f"{self.config.fpr:.1%} FPR, so the false-positive rate a new clean input meets is uncertain; "
-                f"give at least {int(np.ceil(MIN_BEYOND / (self.config.fpr * frac)))} clean inputs",
+                f"{self.config.fpr:.1%} FPR, so the false-positive rate a new clean input meets is uncertain; {need}",
                 stacklevel=2,
             )
         self.threshold_ = calibrate_guard(self.calibration_scores_, self.config.fpr)

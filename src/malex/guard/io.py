@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from malex.detectors.calibration import Threshold
+from malex.atomic import write_safetensors
+from malex.calibration import Threshold
 from malex.errors import ConfigError, ModelFileError
 from malex.guard.fingerprint import hash_tensors, model_fingerprint
 
@@ -57,11 +58,7 @@ def save_guard(guard: "Guard", path: str | Path, overwrite: bool = False) -> Pat
         "detectors": detectors,
     }
     meta = {"malex": json.dumps(header), "digest": _digest(header, tensors)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_safetensors(path, tensors, meta)
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from malex.atomic import write_safetensors
 from malex.errors import ConfigError, ModelFileError
 from malex.models.classifier import Classifier
 from malex.models.registry import ARCHITECTURES, build_model
@@ -38,12 +39,7 @@ def save_model(model: Classifier, path: str | Path, arch: str, info: dict[str, A
         "num_classes": model.num_classes,
         "info": info or {},
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"malex": json.dumps(description)})
-    tmp.replace(path)
-    return path
+    return write_safetensors(path, model.state_dict(), {"malex": json.dumps(description)})
 
 
 def read_description(path: str | Path) -> dict[str, Any]:

@@ -126,7 +126,7 @@ def plot_roc_grid(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray
                   columns: int = 4) -> Path:
     """One panel per attack (wrapped into rows of `columns`); in each, the ROC curve of every detector from
     its (clean, malicious) scores."""
-    from malex.evaluate.metrics import roc
+    from malex.metrics import roc
 
     n = len(curves)
     n_cols = max(1, min(columns, n))

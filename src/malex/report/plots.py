@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from malex.evaluate.metrics import roc  # noqa: E402
+from malex.metrics import roc  # noqa: E402
 
 #: colour families per input kind; several attacks of one kind take successive shades
 KIND_COLOURS = {

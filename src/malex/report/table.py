@@ -7,7 +7,7 @@ from typing import Iterable
 from rich.console import Console
 from rich.table import Table
 
-from malex.evaluate.metrics import DetectionMetrics
+from malex.metrics import DetectionMetrics
 
 
 def metrics_table(rows: Iterable[tuple[str, str, DetectionMetrics]], title: str) -> Table:

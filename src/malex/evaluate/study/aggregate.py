@@ -18,7 +18,7 @@ import numpy as np
 from rich.table import Table
 
 from malex.detectors import FLOORS
-from malex.evaluate.study.cache import atomic_write_bytes
+from malex.atomic import atomic_write_bytes
 
 #: (metrics.json key, column title) of the numbers every detector and guard row reports
 METRICS: tuple[tuple[str, str], ...] = (

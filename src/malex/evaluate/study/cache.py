@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,8 +35,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
+from malex.atomic import atomic_write_bytes, write_safetensors
 from malex.errors import ConfigError
 
 FORMAT = "malex-study"
@@ -60,18 +59,6 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 def write_json(path: Path, obj: Any) -> Path:
     """Write `obj` as indented JSON, atomically."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
@@ -88,9 +75,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write named tensors and a JSON header as one safetensors file, atomically."""
-    clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    data = save_safetensors(clean, metadata={META_KEY: json.dumps(meta)})
-    return atomic_write_bytes(path, data)
+    return write_safetensors(path, tensors, {META_KEY: json.dumps(meta)})
 
 
 def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from malex.calibration import DEFAULT_FPR, check_fpr
 from malex.errors import ConfigError
 
 try:
@@ -128,7 +129,7 @@ class StudyConfig:
 
     datasets: tuple[DatasetSpec, ...]
     seeds: tuple[int, ...]
-    fpr: float = 0.05
+    fpr: float = DEFAULT_FPR
     device: str = "cpu"
     batch_size: int = 256
     data_dir: str | None = None
@@ -363,7 +364,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> 
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"study.seeds: {seeds!r}; expected a non-empty list of distinct integers >= 0")
-    fpr = _float(study, "fpr", "study", 0.05, 0.0, 0.5)
+    fpr = check_fpr(study.get("fpr", DEFAULT_FPR), "study.fpr")
     counts = {k: _int(study, k, "study", default, minimum=minimum) for k, default, minimum in
               (("n_clean", 1000, 10), ("n_malicious", 1000, 1), ("n_fit", 2000, 10), ("n_calibration", 1000, 10))}
     detectors = _names(study, "detectors", "study", _DEFAULT_DETECTORS, DETECTORS, "detector")

@@ -40,10 +40,10 @@ from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigg
 from malex.data import load_dataset
 from malex.data.dataset import Dataset, Split, split_keeping_groups, stratified_split
 from malex.detectors import Detector, make_detector
-from malex.detectors.calibration import calibrate
+from malex.calibration import calibrate
 from malex.device import select_device
 from malex.errors import ConfigError, MalexError, ModelFileError
-from malex.evaluate.metrics import DetectionMetrics, auroc, evaluate_scores, tpr_at_fpr
+from malex.metrics import DetectionMetrics, auroc, evaluate_scores, tpr_at_fpr
 from malex.evaluate.study.analysis import BENIGN, SpaceData, analyse_model
 from malex.evaluate.study.cache import (
     StudyLayout, matches, new_id, normalise, read_json, read_meta, read_tensors, write_json, write_tensors,

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from malex.detectors.calibration import Threshold, calibrate
+from malex.calibration import Threshold, calibrate
 from malex.errors import InputError
 
 

@@ -1,12 +1,27 @@
-"""Thresholds calibrated on held-out clean scores at a target false-positive rate."""
+"""Thresholds calibrated on held-out clean scores at a target false-positive rate.
+
+`DEFAULT_FPR` is the one default target everywhere (guard, study, CLI, demo) and `check_fpr` the one
+check of a target: a share of clean inputs that may be flagged, in [0, 1).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from malex.errors import ConfigError, InputError
+
+#: the target false-positive rate used wherever none is given
+DEFAULT_FPR = 0.05
+
+
+def check_fpr(fpr: object, where: str = "target false-positive rate") -> float:
+    """`fpr` as a float, or `ConfigError` naming `where` unless it is a number in [0, 1)."""
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not math.isfinite(fpr) or not 0.0 <= fpr < 1.0:
+        raise ConfigError(f"{where}: {fpr!r}; expected a number in [0, 1)")
+    return float(fpr)
 
 
 @dataclass(frozen=True)
@@ -22,10 +37,9 @@ class Threshold:
         return (s > self.value) | np.isnan(s)
 
 
-def calibrate(clean_scores: np.ndarray, fpr: float = 0.05) -> Threshold:
+def calibrate(clean_scores: np.ndarray, fpr: float = DEFAULT_FPR) -> Threshold:
     """The smallest threshold whose false-positive rate on `clean_scores` is at most `fpr`."""
-    if not 0.0 <= fpr < 1.0:
-        raise ConfigError(f"target false-positive rate is {fpr}; expected a value in [0, 1)")
+    fpr = check_fpr(fpr)
     scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
     if scores.size == 0:
         raise InputError("no clean scores to calibrate a threshold on")
