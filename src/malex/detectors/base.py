@@ -5,6 +5,11 @@ suspicious. Fitted state lives in attributes whose names end in "_". Detectors r
 of the shared probe pass; `layers()` names what they need captured. Thresholding (calibration.py) and
 evaluation (malex.evaluate) are separate pieces.
 
+Every concrete detector class owns its identity: its registry `name`, its frozen-dataclass `config_class`
+(the constructor takes `(model, config=None)`, None meaning that class's defaults) and its `evidence`,
+which kind of malicious input its scores point to (ADVERSARIAL, BACKDOOR, or None for anomalies of no
+kind in particular). A class that leaves one out is refused when it is defined.
+
 Fitted state is kept as plain values so that it saves without pickle: torch tensors, NumPy arrays,
 Python scalars and strings (or lists of them), or dicts from str to tensors or arrays. `export` turns it
 into (JSON-able metadata, named tensors) and `restore` sets it back.
@@ -12,6 +17,7 @@ into (JSON-able metadata, named tensors) and `restore` sets it back.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -22,16 +28,53 @@ from torch import nn
 from malex.errors import ModelFileError, NotFittedError
 from malex.probe import Observation, Probe
 
+#: what a detector's evidence points to: inputs near a decision boundary, or inputs carrying a trigger
+ADVERSARIAL, BACKDOOR = "adversarial", "backdoor"
+EVIDENCE_KINDS: tuple[str | None, ...] = (ADVERSARIAL, BACKDOOR, None)
+
+
+def _is_abstract(cls: type) -> bool:
+    """Whether `cls` still has abstract methods (ABCMeta sets `__abstractmethods__` only after
+    `__init_subclass__` has run, so it is read off the attributes)."""
+    return any(getattr(getattr(cls, attr, None), "__isabstractmethod__", False) for attr in dir(cls))
+
+
+def check_identity(cls: type) -> None:
+    """Raise `TypeError` unless the detector class declares its own `name`, a frozen-dataclass
+    `config_class` and an `evidence` in EVIDENCE_KINDS."""
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"detector class {cls.__qualname__} declares no name of its own; expected name = '...'")
+    config = getattr(cls, "config_class", None)
+    if not (isinstance(config, type) and dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
+        raise TypeError(f"detector {name!r} ({cls.__qualname__}) has config_class {config!r}; "
+                        "expected a frozen dataclass")
+    if not hasattr(cls, "evidence") or cls.evidence not in EVIDENCE_KINDS:
+        raise TypeError(f"detector {name!r} ({cls.__qualname__}) has evidence {getattr(cls, 'evidence', '<unset>')!r}; "
+                        f"expected one of {EVIDENCE_KINDS}")
+
 
 class Detector(ABC):
     """Base class of every detector."""
 
+    #: the registry name (error messages and saved files use it)
     name: ClassVar[str]
+    #: the frozen dataclass of its settings; `config_class()` gives the defaults
+    config_class: ClassVar[type]
+    #: ADVERSARIAL, BACKDOOR or None: which kind of malicious input a high score points to
+    evidence: ClassVar[str | None]
     #: attributes that `fit` sets; `check_fitted` raises until they exist
     fitted_attributes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not _is_abstract(cls):
+            check_identity(cls)
+
+    def __init__(self, model: nn.Module, config: Any = None) -> None:
+        """`config`: an instance of `config_class`; None gives its defaults."""
         self.model = model
+        self.config = type(self).config_class() if config is None else config
 
     def layers(self) -> list[str]:
         """Probe layers this detector reads (names as in `Probe`)."""

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from malex.detectors.base import Detector
+from malex.detectors.base import BACKDOOR, Detector
 from malex.device import model_device
 from malex.errors import ConfigError
 from malex.models.inference import eval_mode
@@ -119,11 +119,13 @@ class IBDPSC(Detector):
     """IBD-PSC on parametrised layers (see the module docstring for the BatchNorm-free generalisation)."""
 
     name = "ibd_psc"
+    config_class = IBDPSCConfig
+    evidence = BACKDOOR
+    config: IBDPSCConfig
     fitted_attributes = ("layers_", "start_", "layer_counts_", "clean_error_", "selection_")
 
-    def __init__(self, model: nn.Module, config: IBDPSCConfig = IBDPSCConfig()) -> None:
-        super().__init__(model)
-        self.config = config
+    def __init__(self, model: nn.Module, config: IBDPSCConfig | None = None) -> None:
+        super().__init__(model, config)
         self._scaled: dict[str, dict[str, torch.Tensor]] | None = None
 
     # --- amplified parameters -------------------------------------------------------------------------

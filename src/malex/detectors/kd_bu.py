@@ -169,13 +169,16 @@ class KDBU(LayerwiseDetector):
     """Kernel density of the last hidden layer within the predicted class plus MC-dropout uncertainty."""
 
     name = "kd_bu"
+    config_class = KDBUConfig
+    evidence = None
+    config: KDBUConfig
     fitted_attributes = (
         "layer_", "reference_", "reference_labels_", "bandwidth_", "use_bu_"
     ) + LayerwiseDetector.common_attributes
 
-    def __init__(self, model: nn.Module, config: KDBUConfig = KDBUConfig()) -> None:
+    def __init__(self, model: nn.Module, config: KDBUConfig | None = None) -> None:
         super().__init__(model, config)
-        self._layer = check_layers(model, [config.layer or penultimate_layer(model)])[0]
+        self._layer = check_layers(model, [self.config.layer or penultimate_layer(model)])[0]
         self._dropout = dropout_modules(model)
         head = getattr(model, "head", None)
         self._head_only = bool(self._dropout) and isinstance(head, nn.Module) and all(

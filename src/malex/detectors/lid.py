@@ -127,9 +127,12 @@ class LID(PerLayerDetector):
     """Per-layer LID estimates against a bounded clean reference set, standardised and combined."""
 
     name = "lid"
+    config_class = LIDConfig
+    evidence = None
+    config: LIDConfig
     fitted_attributes = ("layers_", "reference_", "k_", "pool_") + PerLayerDetector.common_attributes
 
-    def __init__(self, model: nn.Module, config: LIDConfig = LIDConfig()) -> None:
+    def __init__(self, model: nn.Module, config: LIDConfig | None = None) -> None:
         super().__init__(model, config)
         self._index: dict[str, NeighbourIndex] = {}
 

@@ -30,8 +30,9 @@ from per-fold streaming moments). In-sample scores would be badly optimistic: on
 256-dimensional covariance from 360 inputs puts held-out clean inputs 3.6 in-sample standard deviations
 above the in-sample mean, which would let that layer dominate the combination. The paper's own
 combination, a logistic regression trained on attack examples, is `fit_supervised`.
-`Mahalanobis.penultimate(model)` (or `MahalanobisConfig(layers=("head.2",))`) is the plain single-layer
-"penultimate-layer Mahalanobis" baseline.
+`PenultimateMahalanobis` (registered as "mahalanobis_penultimate"; also `Mahalanobis.penultimate(model)`)
+is the plain single-layer "penultimate-layer Mahalanobis" baseline: `MahalanobisConfig(layers=(L,))` with L
+the model's last hidden layer and no pre-processing.
 
 Relation to pytorch-ood's `Mahalanobis` detector: it also pools conv maps by their spatial mean and returns
 an outlier score that is larger for outliers, namely -max_c(-1/2 (f - mu_c)^T P (f - mu_c)) =
@@ -130,16 +131,20 @@ class Mahalanobis(PerLayerDetector):
     """Minimum class-conditional Mahalanobis distance per layer with a tied covariance, fitted on clean data."""
 
     name = "mahalanobis"
+    config_class = MahalanobisConfig
+    evidence = None
+    config: MahalanobisConfig
     fitted_attributes = ("layers_", "means_", "whitener_", "class_counts_") + PerLayerDetector.common_attributes
 
-    def __init__(self, model: nn.Module, config: MahalanobisConfig = MahalanobisConfig()) -> None:
+    def __init__(self, model: nn.Module, config: MahalanobisConfig | None = None) -> None:
         super().__init__(model, config)
         self._whitened: dict[str, LayerParams] = {}
 
-    @classmethod
-    def penultimate(cls, model: nn.Module, **settings) -> "Mahalanobis":
-        """The plain penultimate-layer Mahalanobis detector: one layer (the last hidden), no pre-processing."""
-        return cls(model, MahalanobisConfig(layers=(penultimate_layer(model),), noise_magnitude=0.0, **settings))
+    @staticmethod
+    def penultimate(model: nn.Module, **settings: object) -> "PenultimateMahalanobis":
+        """The plain penultimate-layer Mahalanobis detector: one layer (the last hidden), no pre-processing;
+        `settings` are the fields of `PenultimateConfig`."""
+        return PenultimateMahalanobis(model, PenultimateConfig(**settings))
 
     def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "Mahalanobis":
         """Stream class means and the tied covariance per layer (labels `y`, else the model's predictions),
@@ -259,3 +264,34 @@ class Mahalanobis(PerLayerDetector):
 
     def state(self) -> dict:
         return {"config": asdict(self.config), "layers": self.layers(), "supervised": self.supervised}
+
+
+@dataclass(frozen=True)
+class PenultimateConfig:
+    """The settings of `MahalanobisConfig` that the penultimate-layer baseline leaves open (its layer is the
+    model's last hidden one and it does no input pre-processing); the defaults are Mahalanobis's own."""
+
+    ridge: float = MahalanobisConfig.ridge
+    combine: str = MahalanobisConfig.combine
+    folds: int = MahalanobisConfig.folds
+    seed: int = MahalanobisConfig.seed
+    batch_size: int = MahalanobisConfig.batch_size
+
+    def __post_init__(self) -> None:
+        self.resolve(None)  # the same checks as MahalanobisConfig
+
+    def resolve(self, layer: str | None) -> MahalanobisConfig:
+        """The full Mahalanobis settings on `layer` (None: the model's probe layers), without pre-processing."""
+        return MahalanobisConfig(layers=None if layer is None else (layer,), noise_magnitude=0.0, **asdict(self))
+
+
+class PenultimateMahalanobis(Mahalanobis):
+    """Mahalanobis on the penultimate layer alone, a floor of every table; its `config` is the resolved
+    `MahalanobisConfig`."""
+
+    name = "mahalanobis_penultimate"
+    config_class = PenultimateConfig
+
+    def __init__(self, model: nn.Module, config: PenultimateConfig | None = None) -> None:
+        settings = PenultimateConfig() if config is None else config
+        super().__init__(model, settings.resolve(penultimate_layer(model)))

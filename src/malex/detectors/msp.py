@@ -43,11 +43,10 @@ class MSP(Detector):
     """One minus the maximum softmax probability; no layer but the logits, nothing learnt."""
 
     name = "msp"
+    config_class = MSPConfig
+    evidence = None
+    config: MSPConfig
     fitted_attributes = ("clean_confidence_",)
-
-    def __init__(self, model: nn.Module, config: MSPConfig = MSPConfig()) -> None:
-        super().__init__(model)
-        self.config = config
 
     def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "MSP":
         """Record the mean maximum softmax probability of the clean inputs (nothing else is learnt)."""

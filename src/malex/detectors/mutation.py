@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from malex.detectors.base import Detector
+from malex.detectors.base import ADVERSARIAL, BACKDOOR, Detector
 from malex.detectors.sprt import SPRT
 from malex.errors import ConfigError
 from malex.models.inference import eval_mode
@@ -145,17 +145,23 @@ class GaussianFuzzer:
 
 
 class ModelMutation(Detector):
-    """Two-sided model-mutation detector scored by the label-change rate under Gaussian fuzzing."""
+    """Two-sided model-mutation detector scored by the label-change rate under Gaussian fuzzing.
+
+    This generic form takes any `MutationConfig` and types no evidence; the registry holds the study's
+    two sides as subclasses with their own defaults (`AdversarialMutation`, `BackdoorMutation`,
+    `FixedBackdoorMutation`)."""
 
     name = "mutation"
+    config_class = MutationConfig
+    evidence = None
+    config: MutationConfig
     fitted_attributes = ("lcr_threshold_",)
 
-    def __init__(self, model: nn.Module, config: MutationConfig = MutationConfig()) -> None:
-        super().__init__(model)
-        self.config = config
+    def __init__(self, model: nn.Module, config: MutationConfig | None = None) -> None:
+        super().__init__(model, config)
         self.module, self.input_layer = mutation_target(model)
         self._stackable = stackable_head(self.module)  # else: vmap over functional_call
-        self.fuzzer = self._fuzzer(config.strength)
+        self.fuzzer = self._fuzzer(self.config.strength)
 
     def _fuzzer(self, strength: float) -> GaussianFuzzer:
         return GaussianFuzzer(self.module, strength, self.config.seed, int(self.config.cache_mb * 2**20))
@@ -287,3 +293,55 @@ class ModelMutation(Detector):
             "strength_": getattr(self, "strength_", None),
             "lcr_threshold_": getattr(self, "lcr_threshold_", None),
         }
+
+
+# --- the study's two sides, as registered -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdversarialMutationConfig(MutationConfig):
+    """The adversarial side: a mild strength (r = 0.3), a HIGH label-change rate is suspicious."""
+
+    strength: float = 0.3
+    suspicious: Literal["high", "low"] = "high"
+
+
+@dataclass(frozen=True)
+class BackdoorMutationConfig(MutationConfig):
+    """The backdoor side: a strong strength, calibrated on clean data from the study's r = 0.65 until the
+    mean clean LCR is 0.6; a LOW label-change rate is suspicious."""
+
+    strength: float = 0.65
+    target_clean_lcr: float | None = 0.6
+    suspicious: Literal["high", "low"] = "low"
+
+
+@dataclass(frozen=True)
+class FixedBackdoorMutationConfig(MutationConfig):
+    """The backdoor side as the study's code runs it: r = 0.65 kept, a LOW label-change rate is suspicious."""
+
+    strength: float = 0.65
+    suspicious: Literal["high", "low"] = "low"
+
+
+class AdversarialMutation(ModelMutation):
+    """Mutation testing for adversarial examples: they flip label easily under mild mutation."""
+
+    name = "mutation_adv"
+    config_class = AdversarialMutationConfig
+    evidence = ADVERSARIAL
+
+
+class BackdoorMutation(ModelMutation):
+    """Mutation testing for trigger inputs, at a strength calibrated on clean data: they resist it."""
+
+    name = "mutation_bd"
+    config_class = BackdoorMutationConfig
+    evidence = BACKDOOR
+
+
+class FixedBackdoorMutation(ModelMutation):
+    """Mutation testing for trigger inputs at the study's fixed strength r = 0.65."""
+
+    name = "mutation_bd_fixed"
+    config_class = FixedBackdoorMutationConfig
+    evidence = BACKDOOR

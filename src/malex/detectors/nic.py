@@ -173,14 +173,13 @@ class NIC(Detector):
     """Value and provenance invariants per layer, combined by a final one-class SVM."""
 
     name = "nic"
+    config_class = NICConfig
+    evidence = None
+    config: NICConfig
     fitted_attributes = (
         "layers_", "invariants_", "proj_mean_", "proj_matrix_", "lr_coef_", "lr_intercept_",
         "svm_support_", "svm_coef_", "svm_intercept_", "svm_gamma_", "score_mean_", "score_std_", "n_fit_",
     )
-
-    def __init__(self, model: nn.Module, config: NICConfig = NICConfig()) -> None:
-        super().__init__(model)
-        self.config = config
 
     def layers(self) -> list[str]:
         """The configured layers, else the model's probe layers without its output layer."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from malex.detectors.base import Detector
+from malex.detectors.base import BACKDOOR, Detector
 from malex.device import model_device
 from malex.errors import ConfigError
 from malex.models.inference import eval_mode
@@ -88,11 +88,10 @@ class ScaleUp(Detector):
     """SCALE-UP; data-limited (per-class standardised SPC) by default, data-free with `per_class=False`."""
 
     name = "scale_up"
+    config_class = ScaleUpConfig
+    evidence = BACKDOOR
+    config: ScaleUpConfig
     fitted_attributes = ("spc_mean_", "spc_std_", "class_counts_")
-
-    def __init__(self, model: nn.Module, config: ScaleUpConfig = ScaleUpConfig()) -> None:
-        super().__init__(model)
-        self.config = config
 
     def spc(self, obs: Observation) -> np.ndarray:
         """Raw scaled prediction consistency of each input, in [0, 1] (labels from the probe pass)."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from malex.detectors.base import Detector
+from malex.detectors.base import ADVERSARIAL, Detector
 from malex.device import model_device
 from malex.errors import ConfigError, InputError
 from malex.models.inference import eval_mode
@@ -114,11 +114,10 @@ class FeatureSqueezing(Detector):
     """Largest L1 change of the softmax output under bit-depth reduction and median filtering."""
 
     name = "squeeze"
+    config_class = SqueezeConfig
+    evidence = ADVERSARIAL
+    config: SqueezeConfig
     fitted_attributes = ("n_fit_", "squeezers_")
-
-    def __init__(self, model: nn.Module, config: SqueezeConfig = SqueezeConfig()) -> None:
-        super().__init__(model)
-        self.config = config
 
     def _resolve(self, channels: int) -> list[str]:
         if self.config.squeezers is not None:

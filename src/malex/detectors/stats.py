@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -275,12 +275,11 @@ class LayerwiseDetector(Detector):
     #: attributes every layer-wise detector sets in `fit`
     common_attributes: tuple[str, ...] = ("score_mean_", "score_std_", "coef_", "intercept_")
 
-    def __init__(self, model: nn.Module, config) -> None:
-        """`config` is the detector's dataclass; its `combine` and `batch_size` are read here."""
-        super().__init__(model)
-        self.config = config
-        self.combine: str = config.combine
-        self.batch_size: int = config.batch_size
+    def __init__(self, model: nn.Module, config: Any = None) -> None:
+        """`config` is the detector's dataclass (None: its defaults); its `combine` and `batch_size` are read here."""
+        super().__init__(model, config)
+        self.combine: str = self.config.combine
+        self.batch_size: int = self.config.batch_size
 
     @abstractmethod
     def _raw_scores(self, obs: Observation) -> np.ndarray:
@@ -344,9 +343,10 @@ class PerLayerDetector(LayerwiseDetector):
     """A layer-wise detector with one score column per chosen layer: `config.layers`, or the model's default
     layers when that is None. `fit` sets `layers_`."""
 
-    def __init__(self, model: nn.Module, config) -> None:
+    def __init__(self, model: nn.Module, config: Any = None) -> None:
         super().__init__(model, config)
-        self._layers = check_layers(model, config.layers if config.layers is not None else default_layers(model))
+        layers = self.config.layers
+        self._layers = check_layers(model, layers if layers is not None else default_layers(model))
 
     def layers(self) -> list[str]:
         return list(getattr(self, "layers_", self._layers))

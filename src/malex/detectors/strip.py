@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from malex.detectors.base import Detector
+from malex.detectors.base import BACKDOOR, Detector
 from malex.device import model_device
 from malex.errors import ConfigError
 from malex.models.inference import eval_mode
@@ -44,11 +44,10 @@ class Strip(Detector):
     """STRIP with a fixed set of clean overlay images chosen at fit time."""
 
     name = "strip"
+    config_class = StripConfig
+    evidence = BACKDOOR
+    config: StripConfig
     fitted_attributes = ("overlays_",)
-
-    def __init__(self, model: nn.Module, config: StripConfig = StripConfig()) -> None:
-        super().__init__(model)
-        self.config = config
 
     def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "Strip":
         """Keep `n_overlays` clean images (chosen by `seed`) to blend with."""

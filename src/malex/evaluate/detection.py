@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from malex.detectors.base import Detector
 from malex.calibration import DEFAULT_FPR, Threshold, calibrate
+from malex.detectors.base import Detector
+from malex.detectors.fitting import fit_detectors, joint_probe, score_detectors
 from malex.metrics import DetectionMetrics, evaluate_scores
-from malex.probe import Observation, Probe
-from malex.progress import track
+from malex.probe import Observation
 
 
 @dataclass
@@ -41,19 +41,21 @@ def run_detectors(
 ) -> DetectionRun:
     """Fit every detector on `fit_x`, set its threshold at `fpr` on `calibration_x`, score the rest.
 
-    All detectors share one probe pass per input set (the union of the layers they read).
+    All detectors share one probe pass per input set (the union of the layers they read); each set is
+    scored whole. `observations` keeps every set's probe pass (for plots).
     """
     model = next(iter(detectors.values())).model
-    probe = Probe(model, [layer for det in detectors.values() for layer in det.layers()])
+    probe = joint_probe(model, detectors)
     run = DetectionRun()
     sets = {"fit": fit_x, "calibration": calibration_x, "clean": clean_x, **malicious}
     run.observations = {name: probe.run(x) for name, x in sets.items()}
-    for name, det in track(list(detectors.items()), "detectors (fit + score)", enabled=progress):
-        det.fit(run.observations["fit"], fit_y)
-        run.thresholds[name] = calibrate(det.score(run.observations["calibration"]), fpr)
-        run.clean_scores[name] = det.score(run.observations["clean"])
+    fit_detectors(detectors, probe, fit_x, fit_y, progress=progress)
+    scores = {name: score_detectors(detectors, probe, x, chunk=max(len(x), 1)) for name, x in sets.items() if name != "fit"}
+    for name in detectors:
+        run.thresholds[name] = calibrate(scores["calibration"][name], fpr)
+        run.clean_scores[name] = scores["clean"][name]
         for attack in malicious:
-            scores = det.score(run.observations[attack])
-            run.malicious_scores.setdefault(attack, {})[name] = scores
-            run.metrics[(name, attack)] = evaluate_scores(run.clean_scores[name], scores, run.thresholds[name])
+            run.malicious_scores.setdefault(attack, {})[name] = scores[attack][name]
+            run.metrics[(name, attack)] = evaluate_scores(run.clean_scores[name], scores[attack][name],
+                                                          run.thresholds[name])
     return run

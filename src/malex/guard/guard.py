@@ -11,15 +11,16 @@ benchmarks/digits_suite.py) lost most single detectors' power.
 
 The verdict type follows the study's observation, never knowledge of the attack: backdoor inputs are
 robust (low label-change rate under strong mutation, confident blends) and adversarial inputs are
-sensitive (high label-change rate under mild mutation). Each detector declares which kind its evidence
-points to; a flagged input is called the kind whose detectors give the stronger evidence (smaller
+sensitive (high label-change rate under mild mutation). Each detector class declares which kind its
+evidence points to (`Detector.evidence`); a flagged input is called the kind whose detectors give the stronger evidence (smaller
 p-value); detectors of no kind (feature-space anomalies) flag but do not type.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -29,28 +30,20 @@ from torch import nn
 from malex.data.dataset import split_keeping_groups
 from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
+from malex.detectors.base import ADVERSARIAL, BACKDOOR
+from malex.detectors.fitting import fit_detectors, joint_probe, score_detectors
 from malex.calibration import DEFAULT_FPR, Threshold, calibrate, check_fpr
 from malex.errors import ConfigError, NotFittedError
+from malex.guard.fingerprint import model_fingerprint
+from malex.guard.io import GuardFile, malformed, read_guard_file, write_guard_file
 from malex.guard.pvalues import in_sample_tail_pvalues, tail_pvalues
-from malex.probe import Observation, Probe
-from malex.progress import track
+from malex.probe import Observation
 
-BENIGN, ADVERSARIAL, BACKDOOR = "benign", "adversarial", "backdoor"
+BENIGN = "benign"
 #: fewest clean calibration inputs beyond the threshold for which the guard does not warn
 MIN_BEYOND = 5
 #: calibration inputs probed and scored at a time (only their scores are kept)
 CALIBRATION_CHUNK = 4096
-
-#: which kind of malicious input each detector's evidence points to (absent: none in particular)
-EVIDENCE: dict[str, str] = {
-    "mutation_adv": ADVERSARIAL,
-    "squeeze": ADVERSARIAL,
-    "mutation_bd": BACKDOOR,
-    "mutation_bd_fixed": BACKDOOR,
-    "strip": BACKDOOR,
-    "scale_up": BACKDOOR,
-    "ibd_psc": BACKDOOR,
-}
 
 
 @dataclass(frozen=True)
@@ -161,7 +154,7 @@ class Guard:
         self.detectors: dict[str, Detector] = {
             name: make_detector(name, model, **config.settings.get(name, {})) for name in config.detectors
         }
-        self.probe = Probe(model, [layer for det in self.detectors.values() for layer in det.layers()])
+        self.probe = joint_probe(model, self.detectors)
         self.calibration_scores_: dict[str, np.ndarray] | None = None
         self.threshold_: Threshold | None = None
 
@@ -187,11 +180,12 @@ class Guard:
             groups = to_labels(groups, n=x.shape[0])
         frac = self.config.calibration_fraction
         fit_idx, cal_idx = fit_calibration_split(labels, groups, frac, self.config.max_fit, self.config.seed)
-        fit_obs = self.probe.run(x[fit_idx], self.config.batch_size, progress=self.config.progress)
-        for name, det in track(list(self.detectors.items()), "fitting detectors", enabled=self.config.progress):
-            det.fit(fit_obs, y[fit_idx] if y is not None else None)
-        del fit_obs
-        self.calibration_scores_ = self._calibration_scores(x, cal_idx)
+        fit_detectors(self.detectors, self.probe, x[fit_idx], y[fit_idx] if y is not None else None,
+                      batch_size=self.config.batch_size, progress=self.config.progress)
+        # only the scores of the calibration inputs are kept, not their activations (or a copy of them all)
+        self.calibration_scores_ = score_detectors(
+            self.detectors, self.probe, x, index=cal_idx, batch_size=self.config.batch_size, chunk=CALIBRATION_CHUNK,
+            progress=self.config.progress, label="calibrating (chunks)")
         beyond = len(cal_idx) * self.config.fpr
         if beyond < MIN_BEYOND:
             need = (f"give at least {int(np.ceil(MIN_BEYOND / (self.config.fpr * frac)))} clean inputs"
@@ -204,18 +198,8 @@ class Guard:
         self.threshold_ = calibrate_guard(self.calibration_scores_, self.config.fpr)
         return self
 
-    def _calibration_scores(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, np.ndarray]:
-        """Every detector's scores of the calibration inputs x[index], probed CALIBRATION_CHUNK inputs at a
-        time so that only the scores are kept, not the activations (or a copy) of all of them."""
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.detectors}
-        chunks = range(0, len(index), CALIBRATION_CHUNK)
-        for start in track(chunks, "calibrating (chunks)", enabled=self.config.progress and len(chunks) > 1):
-            obs = self.probe.run(x[index[start : start + CALIBRATION_CHUNK]], self.config.batch_size)
-            for name, det in self.detectors.items():
-                parts[name].append(det.score(obs))
-        return {name: np.concatenate(p) for name, p in parts.items()}
-
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
+        """Raise `NotFittedError` unless the guard was fitted or loaded."""
         if self.calibration_scores_ is None or self.threshold_ is None:
             raise NotFittedError("the guard is not fitted; call fit() on clean inputs or Guard.load() a saved one")
 
@@ -227,14 +211,14 @@ class Guard:
         n = len(next(iter(pvalues.values())))
         best = {kind: np.ones(n) for kind in (ADVERSARIAL, BACKDOOR)}
         for name, p in pvalues.items():
-            kind = EVIDENCE.get(name)
+            kind = self.detectors[name].evidence
             if kind is not None:
                 best[kind] = np.minimum(best[kind], p)
         return np.where(best[BACKDOOR] < best[ADVERSARIAL], BACKDOOR, ADVERSARIAL)
 
     def screen_observation(self, obs: Observation) -> Screening:
         """Screen inputs already seen by this guard's probe."""
-        self._check_fitted()
+        self.check_fitted()
         scores = {name: det.score(obs) for name, det in self.detectors.items()}
         pvalues = self._pvalues(scores)
         guard_score = combine_pvalues(pvalues)
@@ -245,25 +229,41 @@ class Guard:
 
     def screen(self, x) -> Screening:
         """One probe pass over `x`, then every detector's score, the guard score and a verdict per input."""
-        self._check_fitted()
+        self.check_fitted()
         return self.screen_observation(self.probe.run(self._inputs(x), self.config.batch_size))
 
-    def save(self, path, overwrite: bool = False):
-        """Write the fitted guard to one safetensors file (no pickle); see `malex.guard.io`."""
-        from malex.guard.io import save_guard
-
-        return save_guard(self, path, overwrite=overwrite)
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the fitted guard to one safetensors file (no pickle; `malex.guard.io`); refuses to replace an
+        existing file unless `overwrite`."""
+        self.check_fitted()
+        config = asdict(self.config)
+        config.pop("progress")
+        contents = GuardFile(
+            fingerprint=model_fingerprint(self.model), config=config, threshold=asdict(self.threshold_),
+            detectors={name: det.export() for name, det in self.detectors.items()},
+            calibration=self.calibration_scores_,
+        )
+        return write_guard_file(path, contents, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path, model: nn.Module) -> "Guard":
+    def load(cls, path: str | Path, model: nn.Module) -> "Guard":
         """Load a guard saved by `save`, in front of `model` (refused if the model differs)."""
-        from malex.guard.io import load_guard
-
-        return load_guard(path, model)
+        path = Path(path)
+        saved = read_guard_file(path, model_fingerprint(model))
+        try:
+            config = GuardConfig(**{**saved.config, "detectors": tuple(saved.config["detectors"]), "progress": False})
+            guard = cls(model, config)
+            for name, det in guard.detectors.items():
+                det.restore(*saved.detectors[name])
+            guard.calibration_scores_ = dict(saved.calibration)
+            guard.threshold_ = Threshold(**saved.threshold)
+        except (KeyError, TypeError, ConfigError) as exc:
+            raise malformed(path, exc) from exc
+        return guard
 
     def describe(self) -> dict:
         """Detectors, target FPR and calibration facts, JSON-able."""
-        self._check_fitted()
+        self.check_fitted()
         return {
             "detectors": list(self.detectors),
             "fpr": self.config.fpr,
@@ -280,3 +280,13 @@ def detectors_from(names: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     return tuple(names)
+
+
+def save_guard(guard: Guard, path: str | Path, overwrite: bool = False) -> Path:
+    """`guard.save(path, overwrite)`."""
+    return guard.save(path, overwrite=overwrite)
+
+
+def load_guard(path: str | Path, model: nn.Module) -> Guard:
+    """`Guard.load(path, model)`."""
+    return Guard.load(path, model)

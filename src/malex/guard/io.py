@@ -1,67 +1,81 @@
 """Guard files: one safetensors file, tensors plus a JSON header, verified on load; no pickle anywhere.
 
-The header records the guarded model's fingerprint (a guard loaded in front of another model is
-refused) and a SHA-256 digest over the header and every tensor (an edited or truncated file is refused).
+This module is the file format only: it writes and reads the plain pieces of a fitted guard (`GuardFile`);
+`malex.guard.guard` assembles a Guard from them. The header records the guarded model's fingerprint (a
+guard read for another model is refused) and a SHA-256 digest over the header and every tensor (an edited
+or truncated file is refused).
+
+Layout: header {"format", "version", "model_fingerprint", "config", "threshold", "detectors": {name:
+exported metadata}}; tensors "det/NAME/KEY" (a detector's exported tensors) and "cal/NAME" (its float64
+calibration scores).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from torch import nn
 
 from malex.atomic import write_safetensors
-from malex.calibration import Threshold
-from malex.errors import ConfigError, ModelFileError
-from malex.guard.fingerprint import hash_tensors, model_fingerprint
-
-if TYPE_CHECKING:
-    from malex.guard.guard import Guard
+from malex.errors import ModelFileError
+from malex.guard.fingerprint import hash_tensors
 
 FORMAT = "malex-guard"
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GuardFile:
+    """The plain pieces of a guard file, per detector in the guard's order."""
+
+    fingerprint: str  # of the guarded model's weights
+    config: dict[str, Any]  # the GuardConfig as a JSON-able dict
+    threshold: dict[str, Any]  # the calibrated Threshold as a dict
+    detectors: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]  # name -> Detector.export()
+    calibration: dict[str, np.ndarray]  # name -> clean calibration scores
+
+
+def malformed(path: Path, exc: Exception) -> ModelFileError:
+    """The error for a guard file whose header lacks or mistypes a piece."""
+    return ModelFileError(f"{path}: the guard header is incomplete or malformed ({exc})")
 
 
 def _digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
     return hash_tensors(hashlib.sha256(json.dumps(header, sort_keys=True).encode()), tensors).hexdigest()
 
 
-def save_guard(guard: "Guard", path: str | Path, overwrite: bool = False) -> Path:
-    """Write a fitted guard; refuses to replace an existing file unless `overwrite`."""
-    guard._check_fitted()
+def write_guard_file(path: str | Path, contents: GuardFile, overwrite: bool = False) -> Path:
+    """Write `contents` to `path`; refuses to replace an existing file unless `overwrite`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
     tensors: dict[str, torch.Tensor] = {}
     detectors = {}
-    for name, det in guard.detectors.items():
-        meta, det_tensors = det.export()
+    for name, (meta, det_tensors) in contents.detectors.items():
         detectors[name] = meta
         tensors.update({f"det/{name}/{k}": v for k, v in det_tensors.items()})
-        tensors[f"cal/{name}"] = torch.from_numpy(np.asarray(guard.calibration_scores_[name], dtype=np.float64))
-    config = asdict(guard.config)
-    config.pop("progress")
+        tensors[f"cal/{name}"] = torch.from_numpy(np.asarray(contents.calibration[name], dtype=np.float64))
     header = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "model_fingerprint": model_fingerprint(guard.model),
-        "config": config,
-        "threshold": asdict(guard.threshold_),
+        "model_fingerprint": contents.fingerprint,
+        "config": contents.config,
+        "threshold": contents.threshold,
         "detectors": detectors,
     }
     meta = {"malex": json.dumps(header), "digest": _digest(header, tensors)}
     return write_safetensors(path, tensors, meta)
 
 
-def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _verified(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header and tensors of a readable malex guard file of this version whose digest matches."""
     if not path.is_file():
         raise ModelFileError(f"{path}: no such guard file")
     try:
@@ -85,23 +99,20 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return header, tensors
 
 
-def load_guard(path: str | Path, model: nn.Module) -> "Guard":
-    """Load a guard file in front of `model`; refused when `model` is not the one it was fitted for."""
-    from malex.guard.guard import Guard, GuardConfig
-
+def read_guard_file(path: str | Path, fingerprint: str) -> GuardFile:
+    """Read and verify a guard file; refused when it was not fitted for the model whose weights
+    fingerprint is `fingerprint`, or when a piece is missing."""
     path = Path(path)
-    header, tensors = _read(path)
-    if header["model_fingerprint"] != model_fingerprint(model):
+    header, tensors = _verified(path)
+    if header["model_fingerprint"] != fingerprint:
         raise ModelFileError(f"{path}: this guard was fitted for a different model (weights fingerprint differs)")
     try:
-        cfg = header["config"]
-        config = GuardConfig(**{**cfg, "detectors": tuple(cfg["detectors"]), "progress": False})
-        guard = Guard(model, config)
-        for name, det in guard.detectors.items():
+        detectors = {}
+        for name in header["config"]["detectors"]:
             prefix = f"det/{name}/"
-            det.restore(header["detectors"][name], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        guard.calibration_scores_ = {name: tensors[f"cal/{name}"].numpy() for name in guard.detectors}
-        guard.threshold_ = Threshold(**header["threshold"])
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise ModelFileError(f"{path}: the guard header is incomplete or malformed ({exc})") from exc
-    return guard
+            detectors[name] = (header["detectors"][name],
+                               {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        calibration = {name: tensors[f"cal/{name}"].numpy() for name in detectors}
+        return GuardFile(header["model_fingerprint"], header["config"], header["threshold"], detectors, calibration)
+    except (KeyError, TypeError) as exc:
+        raise malformed(path, exc) from exc
