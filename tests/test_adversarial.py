@@ -18,6 +18,7 @@ from malex.attacks.adversarial import (
     CWConfig,
     FGSMConfig,
     PGDConfig,
+    craft_successful,
     make_adversarial,
 )
 from malex.attacks.adversarial.cw import margin
@@ -55,6 +56,12 @@ def trained():
     assert accuracy > 0.9, f"test accuracy {accuracy:.3f}; the attacks below need a working model"
     right = pred == data.test.y
     return model, data.test.x[right], data.test.y[right]
+
+
+@pytest.fixture(scope="module")
+def digits_all():
+    """Every test digit, correctly classified or not."""
+    return load_digits(0).test
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +247,85 @@ def test_result_norms_and_summary():
     assert summary == pytest.approx({"success_rate": 2 / 3, "mean_l2": 0.65, "mean_linf": 0.4, "n": 3, "seconds": 0.5})
     with pytest.raises(InputError):
         AdversarialResult(x_adv=x_adv, success=torch.tensor([True]), pred=torch.tensor([1]), seconds=0.0, x=x)
+
+
+# --- successful inputs only -----------------------------------------------------------------------------
+
+
+class _RecordingFGSM(FGSM):
+    """FGSM that records the (true label, target) pairs and the batch sizes it was asked to attack."""
+
+    def __init__(self, config: FGSMConfig | None = None) -> None:
+        super().__init__(config)
+        self.asked: list[tuple[int, int]] = []
+        self.runs: list[int] = []
+
+    def run(self, model, x, y, target=None, batch_size=256, progress=True):
+        self.runs.append(len(x))
+        return super().run(model, x, y, target=target, batch_size=batch_size, progress=progress)
+
+    def _perturb(self, model, x, y, target, generator):
+        self.asked += list(zip(y.tolist(), target.tolist())) if target is not None else []
+        return super()._perturb(model, x, y, target, generator)
+
+
+def test_craft_successful_keeps_only_successes_from_correct_sources(trained, digits_all):
+    model, _, _ = trained
+    x, y = digits_all.x[:120], digits_all.y[:120]
+    crafted = craft_successful(FGSM(FGSMConfig(eps=0.15)), model, x, y, batch_size=32)
+    correct = torch.nonzero(model(x).argmax(1) == y).flatten()
+    assert 0 < len(crafted) < len(correct) < len(x)  # some sources are wrong already, some resist the attack
+    assert set(crafted.source_index.tolist()) <= set(correct.tolist())
+    with torch.no_grad():
+        pred = model(crafted.x).argmax(1)
+    assert torch.equal(pred, crafted.label)  # untargeted: the label is the model's
+    assert (pred != y[crafted.source_index]).all()
+    assert float((crafted.x - x[crafted.source_index]).abs().max()) <= 0.15 + 1e-6
+    s = crafted.summary
+    assert s["n"] == len(crafted) and s["n_tried"] == len(correct)
+    assert s["success_rate"] == pytest.approx(s["n"] / s["n_tried"])
+    l2 = (crafted.x - x[crafted.source_index]).flatten(1).norm(dim=1)
+    assert s["mean_l2"] == pytest.approx(float(l2.mean()), rel=1e-5)
+
+
+def test_craft_successful_targeted_asks_every_other_class_for_each_source(trained):
+    model, x, y = trained
+    attack = _RecordingFGSM(FGSMConfig(eps=0.3))
+    crafted = craft_successful(attack, model, x[:4], y[:4], targeted=True, batch_size=16)
+    expected = [(c, (c + k) % 10) for c in y[:4].tolist() for k in range(1, 10)]
+    assert attack.asked == expected and attack.runs == [16, 16, 4]
+    assert crafted.summary["n_tried"] == 36
+    with torch.no_grad():
+        assert torch.equal(model(crafted.x).argmax(1), crafted.label)
+    assert (crafted.label != y[:4][crafted.source_index]).all()
+    asked = [(i, (c + k) % 10) for i, c in enumerate(y[:4].tolist()) for k in range(1, 10)]
+    kept = list(zip(crafted.source_index.tolist(), crafted.label.tolist()))
+    assert kept == [p for p in asked if p in kept] and len(set(kept)) == len(kept)  # in the order asked, once each
+
+
+def test_craft_successful_limit_stops_after_the_chunk_that_reaches_it(trained):
+    model, x, y = trained
+    everything = craft_successful(FGSM(FGSMConfig(eps=0.3)), model, x[:64], y[:64], batch_size=8)
+    assert len(everything) > 5
+    attack = _RecordingFGSM(FGSMConfig(eps=0.3))
+    limited = craft_successful(attack, model, x[:64], y[:64], limit=5, batch_size=8)
+    assert len(limited) == 5 and limited.summary["n"] == 5
+    assert len(attack.runs) < 8 and limited.summary["n_tried"] == 8 * len(attack.runs)
+    assert torch.equal(limited.x, everything.x[:5])
+    assert torch.equal(limited.source_index, everything.source_index[:5])
+
+
+def test_craft_successful_with_no_success_and_bad_settings(trained):
+    model, x, y = trained
+    crafted = craft_successful(FGSM(FGSMConfig(eps=0.0)), model, x[:10], y[:10])
+    assert len(crafted) == 0 and crafted.x.shape == (0, 1, 8, 8) and crafted.summary["n_tried"] == 10
+    assert crafted.summary["success_rate"] == 0.0 and math.isnan(crafted.summary["mean_l2"])
+    with pytest.raises(ConfigError, match="limit"):
+        craft_successful(FGSM(), model, x[:4], y[:4], limit=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        craft_successful(FGSM(), model, x[:4], y[:4], batch_size=0)
+    with pytest.raises(InputError, match="expected"):
+        craft_successful(FGSM(), model, x[:4], y[:3])
 
 
 # --- registry and errors ------------------------------------------------------------------------------------

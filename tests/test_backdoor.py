@@ -1,4 +1,5 @@
-"""Backdoor triggers (BadNets, Blend, Watermark), poisoning and the attack success rate."""
+"""Backdoor triggers (BadNets, Blend, Watermark), poisoning, the attack success rate, the successful trigger
+inputs, and (poisoned) training."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from torch import nn
 
 from malex.attacks.backdoor import (
     TRIGGERS, BadNets, BadNetsConfig, Blend, BlendConfig, PoisonConfig, Watermark, WatermarkConfig,
-    attack_success_rate, make_trigger, poison_split, ring_logo, triggered_inputs,
+    attack_success_rate, make_trigger, poison_split, ring_logo, successful_triggered, train_model, triggered_inputs,
 )
-from malex.data.dataset import Split
+from malex.data.dataset import Dataset, Split
 from malex.errors import ConfigError
+from malex.models import build_model
+from malex.models.inference import accuracy
+from malex.models.train import TrainConfig, train_classifier
 
 # -------------------------------------------------------------------------------------------------- BadNets
 
@@ -270,3 +274,84 @@ def test_attack_success_rate_counts_only_non_target_triggered_inputs():
     assert attack_success_rate(_SeesPatch(2), data, other, target=2) == 0.0
     # a model that predicts class 0 for everything succeeds only if 0 is the target; target-0 inputs are excluded
     assert attack_success_rate(_Always(0), data, other, target=0) == 1.0
+
+
+class _SeesPatchWhenBright(nn.Module):
+    """Test double: predicts `target` when the bottom-right pixel is white and the top-left one above 0.25."""
+
+    def __init__(self, target: int, classes: int = 5) -> None:
+        super().__init__()
+        self.target, self.classes = target, classes
+
+    def forward(self, x):
+        labels = torch.where((x[:, 0, -1, -1] == 1.0) & (x[:, 0, 0, 0] > 0.25), self.target, 0)
+        return nn.functional.one_hot(labels, self.classes).float()
+
+
+def test_successful_triggered_keeps_the_non_target_inputs_the_model_sends_to_the_target():
+    data, trig = _split(), BadNets(BadNetsConfig(size=2, margin=0))
+    got = successful_triggered(_SeesPatchWhenBright(2), data, trig, target=2)
+    expected = torch.nonzero((data.y != 2) & (data.x[:, 0, 0, 0] > 0.25)).flatten()
+    assert 0 < len(expected) < 40
+    assert torch.equal(got.source_index, expected)
+    assert torch.equal(got.x, trig.apply(data.x[expected]))
+    assert torch.equal(got.label, torch.full((len(expected),), 2))
+    assert got.summary == {"success_rate": pytest.approx(len(expected) / 40), "n": len(expected), "n_tried": 40}
+    first = successful_triggered(_SeesPatchWhenBright(2), data, trig, target=2, limit=3)
+    assert torch.equal(first.source_index, expected[:3]) and torch.equal(first.x, got.x[:3])
+    assert first.summary["n"] == 3 and first.summary["n_tried"] == 40  # the rate still covers every input
+    none = successful_triggered(_Always(0), data, trig, target=2)
+    assert len(none) == 0 and none.summary["success_rate"] == 0.0 and none.x.shape == (0, 1, 8, 8)
+    with pytest.raises(ConfigError, match="limit"):
+        successful_triggered(_Always(0), data, trig, target=2, limit=0)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits):
+    """The digits with a 300-input training split: quick to train on."""
+    return Dataset(digits.name, digits.train.subset(slice(0, 300)), digits.val, digits.test, digits.num_classes)
+
+
+FAST = TrainConfig(epochs=2, shift=1, seed=3)
+
+
+def test_train_model_matches_seeding_building_poisoning_and_training_by_hand(small_digits):
+    trig, poison = BadNets(BadNetsConfig(size=2, margin=0)), PoisonConfig(rate=0.1, target=1, seed=5)
+    got = train_model(small_digits, "digits_cnn", FAST, trig, poison, progress=False)
+    torch.manual_seed(FAST.seed)
+    model = build_model("digits_cnn", small_digits.image_shape, small_digits.num_classes)
+    train_classifier(model, poison_split(small_digits.train, trig, poison)[0], FAST, progress=False)
+    mine, theirs = got.model.state_dict(), model.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert not got.model.training
+    assert got.clean_accuracy == accuracy(model, small_digits.test.x, small_digits.test.y)
+    assert got.attack_success_rate == attack_success_rate(model, small_digits.test, trig, 1)
+    assert got.target == 1 and got.trigger is trig and got.poison == poison and got.seconds > 0
+    assert got.info() == {"trigger": trig.describe(), "target": 1, "rate": 0.1,
+                          "clean_accuracy": got.clean_accuracy, "attack_success_rate": got.attack_success_rate}
+
+
+def test_train_model_clean_and_seeds(small_digits):
+    clean = train_model(small_digits, "digits_cnn", FAST, progress=False)
+    assert clean.attack_success_rate is None and clean.trigger is None and clean.target is None
+    assert clean.info() == {"clean_accuracy": clean.clean_accuracy} and clean.arch == "digits_cnn"
+    again = train_model(small_digits, "digits_cnn", FAST, progress=False).model.state_dict()
+    other_init = train_model(small_digits, "digits_cnn", FAST, init_seed=4, progress=False).model.state_dict()
+    first = clean.model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other_init[k]) for k in first)
+
+
+def test_train_model_rejects_half_a_backdoor_and_a_target_outside_the_classes(small_digits):
+    trig = BadNets(BadNetsConfig(size=2, margin=0))
+    with pytest.raises(ConfigError, match="both"):
+        train_model(small_digits, "digits_cnn", FAST, trig, progress=False)
+    with pytest.raises(ConfigError, match="both"):
+        train_model(small_digits, "digits_cnn", FAST, poison=PoisonConfig(), progress=False)
+    with pytest.raises(ConfigError, match="0..9"):
+        train_model(small_digits, "digits_cnn", FAST, trig, PoisonConfig(target=10), progress=False)
+    with pytest.raises(ConfigError, match="architecture"):
+        train_model(small_digits, "resnet9000", FAST, progress=False)

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 from malex.attacks.adversarial import make_adversarial
-from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split, triggered_inputs
+from malex.attacks.backdoor import PoisonConfig, make_trigger, successful_triggered, train_model
 from malex.calibration import DEFAULT_FPR
 from malex.data import Split, load_digits, stratified_split
 from malex.detectors import ModelMutation, make_detector
 from malex.evaluate.detection import DetectionRun, run_detectors
-from malex.models import build_model, save_model
-from malex.models.inference import accuracy, predict
-from malex.models.train import TrainConfig, train_classifier
+from malex.models import save_model
+from malex.models.inference import predict
+from malex.models.train import TrainConfig
 from malex.report.plots import plot_lcr_histograms, plot_roc_curves
 
 
@@ -64,6 +64,8 @@ class DemoResult:
 
 
 def _successful(model, attack: str, data: Split, cfg: DemoConfig, **settings) -> tuple[torch.Tensor, dict]:
+    """The successful examples of one untargeted run over all of `data`, and that run's summary (over every
+    input attacked, as the demo reports it)."""
     result = make_adversarial(attack, **settings).run(model, data.x, data.y, progress=cfg.progress)
     return result.successful(), result.summary()
 
@@ -73,19 +75,17 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig()) -> DemoResu
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
     data = load_digits(config.seed)
 
     trigger = make_trigger("badnets", size=config.trigger_size, margin=config.trigger_margin)
-    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(config.poison_rate, config.target, config.seed))
-    model = build_model("digits_cnn", data.image_shape, data.num_classes)
-    train_classifier(model, poisoned, config.train, progress=config.progress)
-    clean_acc = accuracy(model, data.test.x, data.test.y)
-    asr = attack_success_rate(model, data.test, trigger, config.target)
+    # the initial weights come from the demo's seed, the training order from config.train's
+    trained = train_model(data, "digits_cnn", config.train, trigger,
+                          PoisonConfig(config.poison_rate, config.target, config.seed), init_seed=config.seed,
+                          progress=config.progress)
+    model, clean_acc, asr = trained.model, trained.clean_accuracy, trained.attack_success_rate
 
     correct = data.test.subset(predict(model, data.test.x) == data.test.y)
-    stamped = triggered_inputs(data.test, trigger, config.target).x
-    backdoor = stamped[predict(model, stamped) == config.target]
+    backdoor = successful_triggered(model, data.test, trigger, config.target).x
     pgd_x, pgd_summary = _successful(model, "pgd", correct, config, eps=config.pgd_eps, steps=config.pgd_steps,
                                      seed=config.seed)
     pgd_min_x, pgd_min_summary = _successful(model, "pgd", correct, config, eps=config.pgd_eps,

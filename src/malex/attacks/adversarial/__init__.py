@@ -1,7 +1,8 @@
 """Adversarial attacks (FGSM, PGD, CW-L2): torch-native, batched, on inputs in [0, 1].
 
 Build one by class (`PGD(PGDConfig(eps=0.1))`) or by name (`make_adversarial("pgd", eps=0.1)`), then
-`attack.run(model, x, y)` for an untargeted run or `attack.run(model, x, y, target=t)` for a targeted one.
+`attack.run(model, x, y)` for an untargeted run or `attack.run(model, x, y, target=t)` for a targeted one;
+`craft_successful(attack, model, x, y)` keeps only the successful examples made from correctly classified inputs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from malex.attacks.adversarial.base import AdversarialAttack, AdversarialResult
 from malex.attacks.adversarial.cw import CW, CWConfig
 from malex.attacks.adversarial.fgsm import FGSM, FGSMConfig
 from malex.attacks.adversarial.pgd import PGD, PGDConfig
+from malex.attacks.adversarial.successful import craft_successful
 from malex.errors import ConfigError
 
 ADVERSARIAL_ATTACKS: dict[str, type[AdversarialAttack]] = {cls.name: cls for cls in (FGSM, PGD, CW)}
@@ -40,5 +42,6 @@ __all__ = [
     "PGDConfig",
     "AdversarialAttack",
     "AdversarialResult",
+    "craft_successful",
     "make_adversarial",
 ]

@@ -4,7 +4,10 @@ from malex.attacks.backdoor.adaptive_blend import AdaptiveBlend, AdaptiveBlendCo
 from malex.attacks.backdoor.badnets import BadNets, BadNetsConfig
 from malex.attacks.backdoor.base import Trigger
 from malex.attacks.backdoor.blend import Blend, BlendConfig
-from malex.attacks.backdoor.poison import PoisonConfig, attack_success_rate, poison_split, triggered_inputs
+from malex.attacks.backdoor.poison import (
+    PoisonConfig, attack_success_rate, poison_split, successful_triggered, triggered_inputs,
+)
+from malex.attacks.backdoor.training import TrainedModel, train_model
 from malex.attacks.backdoor.wanet import WaNet, WaNetConfig
 from malex.attacks.backdoor.watermark import Watermark, WatermarkConfig, ring_logo
 from malex.errors import ConfigError
@@ -25,6 +28,7 @@ def make_trigger(name: str, **config) -> Trigger:
 
 __all__ = [
     "TRIGGERS", "AdaptiveBlend", "AdaptiveBlendConfig", "BadNets", "BadNetsConfig", "Blend", "BlendConfig",
-    "PoisonConfig", "Trigger", "WaNet", "WaNetConfig", "Watermark", "WatermarkConfig", "attack_success_rate",
-    "make_trigger", "poison_split", "ring_logo", "triggered_inputs",
+    "PoisonConfig", "TrainedModel", "Trigger", "WaNet", "WaNetConfig", "Watermark", "WatermarkConfig",
+    "attack_success_rate", "make_trigger", "poison_split", "ring_logo", "successful_triggered", "train_model",
+    "triggered_inputs",
 ]
