@@ -54,12 +54,11 @@ def train(
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Train a (optionally backdoored) model and report clean accuracy and attack success rate."""
-    from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split
+    from malex.attacks.backdoor import PoisonConfig, make_trigger, train_model
     from malex.data import load_dataset
     from malex.errors import ConfigError
-    from malex.models import build_model, save_model
-    from malex.models.inference import accuracy
-    from malex.models.train import TrainConfig, train_classifier
+    from malex.models import save_model
+    from malex.models.train import TrainConfig
 
     if output.exists() and not force:
         raise FileExistsError(f"{output} exists; pass --force to replace it")
@@ -67,22 +66,18 @@ def train(
     c, h, w = dataset.image_shape
     cifar = dataset.name == "cifar10"  # natural images: mirrored copies are valid training inputs
     arch = arch or ("digits_cnn" if h <= 8 else "mnist_cnn" if c == 1 else "cifar_resnet" if cifar else "gtsrb_vgg")
-    model = build_model(arch, dataset.image_shape, dataset.num_classes)
-    train_split, info = dataset.train, {"dataset": dataset.name}
-    trig = None
+    trig, poison = None, None
     if trigger:
         if not 0 <= target < dataset.num_classes:
             raise ConfigError(f"--target {target} is not a class of {dataset.name}; expected 0..{dataset.num_classes - 1}")
         trig = make_trigger(trigger, **({"size": 2} if trigger == "badnets" and h <= 8 else {}))
-        train_split, _ = poison_split(train_split, trig, PoisonConfig(rate, target, seed))
-        info.update(trigger=trig.describe(), target=target, rate=rate)
-    train_classifier(model, train_split, TrainConfig(epochs=epochs, seed=seed, shift=1 if h <= 8 else 2, flip=cifar))
-    info["clean_accuracy"] = accuracy(model, dataset.test.x, dataset.test.y)
-    line = f"clean test accuracy {info['clean_accuracy']:.3f}"
-    if trig is not None:
-        info["attack_success_rate"] = attack_success_rate(model, dataset.test, trig, target)
-        line += f", attack success rate {info['attack_success_rate']:.3f}"
-    save_model(model, output, arch, info=info, overwrite=force)
+        poison = PoisonConfig(rate, target, seed)
+    trained = train_model(dataset, arch, TrainConfig(epochs=epochs, seed=seed, shift=1 if h <= 8 else 2, flip=cifar),
+                          trig, poison)
+    line = f"clean test accuracy {trained.clean_accuracy:.3f}"
+    if trained.attack_success_rate is not None:
+        line += f", attack success rate {trained.attack_success_rate:.3f}"
+    save_model(trained.model, output, arch, info={"dataset": dataset.name, **trained.info()}, overwrite=force)
     out.print(f"{line}; wrote {output}")
 
 
