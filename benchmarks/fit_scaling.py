@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from malex.evaluate.study.aggregate import markdown_table
+from malex.report.aggregate import markdown_table
 from malex.report.table import print_table, rows_table
 
 GUARDS = {"default": None, "activation": ("nic", "mahalanobis", "lid", "kd_bu")}

@@ -27,7 +27,7 @@ import numpy as np
 
 from malex.calibration import calibrate
 from malex.metrics import auroc, tpr_at_fpr
-from malex.evaluate.study import aggregate
+from malex.report import aggregate
 from malex.evaluate.study.cache import StudyLayout, read_json, read_tensors
 from malex.guard import GuardConfig
 from malex.guard.guard import combine_pvalues

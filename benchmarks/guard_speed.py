@@ -38,7 +38,7 @@ from rich.console import Console
 
 from malex.data import load_dataset
 from malex.detectors import DETECTORS
-from malex.evaluate.study.aggregate import markdown_table
+from malex.report.aggregate import markdown_table
 from malex.guard import Guard, GuardConfig
 from malex.models import load_model
 from malex.models.inference import predict_logits

@@ -265,7 +265,7 @@ def study(
     --dataset / --attack / --seed compute a part of the grid (the tables still cover all of it; the analysis
     covers the models whose attacks are all crafted)."""
     from malex.evaluate.study import Selection, Study, load_config
-    from malex.evaluate.study.aggregate import rich_tables, summarise
+    from malex.report.aggregate import rich_tables, summarise
     from malex.report.table import print_table
 
     cfg = load_config(config)

@@ -63,15 +63,35 @@ class DetectionMetrics:
         return {**asdict(self), "detection_accuracy": self.detection_accuracy}
 
 
-def evaluate_scores(clean: np.ndarray, malicious: np.ndarray, threshold: Threshold) -> DetectionMetrics:
-    """All metrics for one detector on one attack, `threshold` calibrated on a separate clean split."""
+def evaluate_flags(clean: np.ndarray, clean_flagged: np.ndarray, malicious: np.ndarray,
+                   malicious_flagged: np.ndarray) -> DetectionMetrics:
+    """All metrics from scores (threshold-free ones) and given flags (the clean inputs passed, the malicious
+    inputs caught), e.g. a guard's own verdicts."""
     clean, malicious = _check(clean, malicious)
     return DetectionMetrics(
         auroc=auroc(clean, malicious),
         tpr_at_1fpr=tpr_at_fpr(clean, malicious, 0.01),
         tpr_at_5fpr=tpr_at_fpr(clean, malicious, 0.05),
-        clean_pass=float(1.0 - threshold.flags(clean).mean()),
-        malicious_caught=float(threshold.flags(malicious).mean()),
+        clean_pass=float(1.0 - np.mean(clean_flagged)),
+        malicious_caught=float(np.mean(malicious_flagged)),
         n_clean=int(clean.size),
         n_malicious=int(malicious.size),
     )
+
+
+def evaluate_scores(clean: np.ndarray, malicious: np.ndarray, threshold: Threshold) -> DetectionMetrics:
+    """All metrics for one detector on one attack, `threshold` calibrated on a separate clean split."""
+    clean, malicious = _check(clean, malicious)
+    return evaluate_flags(clean, threshold.flags(clean), malicious, threshold.flags(malicious))
+
+
+def unscored_as_suspicious(clean: np.ndarray, malicious: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Clean and malicious scores with NaN (an input a detector could not score) and +inf set above every
+    finite score, as a threshold treats them (flagged), and -inf below; also returns how many there were."""
+    both = np.concatenate([clean, malicious]).astype(np.float64)
+    finite = np.isfinite(both)
+    if finite.all():
+        return clean, malicious, 0
+    lo, hi = (float(both[finite].min()), float(both[finite].max())) if finite.any() else (0.0, 0.0)
+    fixed = np.where(np.isneginf(both), lo - 1.0, np.where(finite, both, hi + 1.0))
+    return fixed[:len(clean)], fixed[len(clean):], int((~finite).sum())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,33 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 def matches(meta: dict[str, Any] | None, spec: Any) -> bool:
     """Whether a read header was made from `spec`."""
     return meta is not None and "id" in meta and meta.get("spec") == normalise(spec)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One cached tensor file and the spec it must have been made from: `meta` and `read` give what is on disk
+    only when it was made from this spec (and is readable), `write` records the spec and a fresh id."""
+
+    path: Path
+    spec: Any
+
+    def meta(self) -> dict[str, Any] | None:
+        """The header (tensors not read), or None when the file is missing, unreadable or made otherwise."""
+        meta = read_meta(self.path)
+        return meta if matches(meta, self.spec) else None
+
+    def read(self, *required: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """(header, tensors), or None when missing, unreadable, made otherwise or lacking a `required` tensor."""
+        got = read_tensors(self.path)
+        if got is None or not matches(got[0], self.spec) or not set(required) <= set(got[1]):
+            return None
+        return got
+
+    def write(self, tensors: dict[str, torch.Tensor], **extra: Any) -> dict[str, Any]:
+        """Write `tensors` with a header of the spec, a new id and `extra`; returns the header."""
+        meta = {"spec": normalise(self.spec), "id": new_id(), **extra}
+        write_tensors(self.path, tensors, meta)
+        return meta
 
 
 class StudyLayout:

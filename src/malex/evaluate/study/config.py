@@ -25,13 +25,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from malex.calibration import DEFAULT_FPR, check_fpr
 from malex.errors import ConfigError
+from malex.evaluate.study.fields import (
+    as_settings, check_keys, check_name, config_fields, read_bool, read_float, read_int, read_names, read_str,
+    read_table,
+)
 
 try:
     import tomllib
@@ -43,7 +46,6 @@ BACKDOOR, ADVERSARIAL = "backdoor", "adversarial"
 CLEAN_MODEL = "clean"
 #: the row name of the guard in every cell
 GUARD = "guard"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _EMBEDDINGS = ("pca", "tsne")
 
 
@@ -149,101 +151,17 @@ class StudyConfig:
         raise ConfigError(f"the study has no dataset {name!r}")
 
 
-# --- parsing helpers ------------------------------------------------------------------------------------
-
-def _table(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key {unknown[0]!r}; expected one of "
-                          f"{', '.join(sorted(allowed))}")
-
-
-def _int(table: Mapping[str, Any], key: str, where: str, default: Any, minimum: int = 0) -> Any:
-    if key not in table:
-        return default
-    value = table[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{where}.{key}: {value!r}; expected an integer >= {minimum}")
-    return value
-
-
-def _float(table: Mapping[str, Any], key: str, where: str, default: Any, low: float, high: float) -> Any:
-    value = table.get(key, default)
-    if key not in table:
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low < value < high:
-        raise ConfigError(f"{where}.{key}: {value!r}; expected a number in ({low:g}, {high:g})")
-    return float(value)
-
-
-def _str(table: Mapping[str, Any], key: str, where: str, default: Any, choices: tuple[str, ...] | None = None) -> Any:
-    value = table.get(key, default)
-    if key not in table:
-        return value
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}.{key}: {value!r}; expected a non-empty string")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{where}.{key}: {value!r}; expected one of {', '.join(choices)}")
-    return value
-
-
-def _bool(table: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}.{key}: {value!r}; expected true or false")
-    return value
-
-
-def _names(table: Mapping[str, Any], key: str, where: str, default: Any, known: Mapping | set | None = None,
-           what: str = "name") -> Any:
-    value = table.get(key, default)
-    if key not in table:
-        return value
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where}.{key}: {value!r}; expected a non-empty list of strings")
-    if len(set(value)) != len(value):
-        raise ConfigError(f"{where}.{key}: {value!r} names one {what} twice")
-    if known is not None:
-        for v in value:
-            if v not in known:
-                raise ConfigError(f"{where}.{key}: unknown {what} {v!r}; expected one of {', '.join(known)}")
-    return tuple(value)
-
-
-def _name(name: str, where: str) -> str:
-    if not _NAME.match(name):
-        raise ConfigError(f"{where}: the name {name!r} is not usable as a folder name; expected letters, digits, "
-                          "'_' or '-'")
-    return name
-
-
-def _settings(table: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings for a registry builder: TOML arrays become tuples (frozen configs hold tuples)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
-
-
-def _config_fields(config_type: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(config_type)}
-
-
 # --- sections ---------------------------------------------------------------------------------------------
 
 def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
     from malex.attacks.backdoor import TRIGGERS, make_trigger
 
-    method = _str(table, "trigger", where, name)
+    method = read_str(table, "trigger", where, name)
     if method not in TRIGGERS:
         raise ConfigError(f"{where}.trigger: unknown trigger {method!r}; expected one of {', '.join(TRIGGERS)}")
-    rate = _float(table, "poison_rate", where, None, 0.0, 1.0)
-    settings = _settings({k: v for k, v in table.items() if k not in ("trigger", "poison_rate")})
-    _check_keys(settings, _config_fields(TRIGGERS[method].config_type) | {"trigger", "poison_rate"}, where)
+    rate = read_float(table, "poison_rate", where, None, 0.0, 1.0)
+    settings = as_settings({k: v for k, v in table.items() if k not in ("trigger", "poison_rate")})
+    check_keys(settings, config_fields(TRIGGERS[method].config_type) | {"trigger", "poison_rate"}, where)
     try:
         make_trigger(method, **settings)
     except ConfigError as exc:
@@ -254,13 +172,13 @@ def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
 def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec:
     from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, make_adversarial
 
-    method = _str(table, "attack", where, name)
+    method = read_str(table, "attack", where, name)
     if method not in ADVERSARIAL_ATTACKS:
         raise ConfigError(f"{where}.attack: unknown adversarial attack {method!r}; expected one of "
                           f"{', '.join(ADVERSARIAL_ATTACKS)}")
-    targeted = _bool(table, "targeted", where, False)
-    settings = _settings({k: v for k, v in table.items() if k not in ("attack", "targeted")})
-    _check_keys(settings, _config_fields(ADVERSARIAL_ATTACKS[method].config_class) | {"attack", "targeted"}, where)
+    targeted = read_bool(table, "targeted", where, False)
+    settings = as_settings({k: v for k, v in table.items() if k not in ("attack", "targeted")})
+    check_keys(settings, config_fields(ADVERSARIAL_ATTACKS[method].config_class) | {"attack", "targeted"}, where)
     try:
         make_adversarial(method, **settings)
     except (ConfigError, TypeError) as exc:
@@ -295,7 +213,7 @@ def _default_guard() -> tuple[str, ...]:
 
 def _analysis(table: dict[str, Any]) -> AnalysisConfig:
     where = "analysis"
-    _check_keys(table, _ANALYSIS_KEYS, where)
+    check_keys(table, _ANALYSIS_KEYS, where)
     d = AnalysisConfig()
     strengths = table.get("strengths", list(d.strengths))
     if not isinstance(strengths, list) or not strengths or not all(
@@ -305,12 +223,12 @@ def _analysis(table: dict[str, Any]) -> AnalysisConfig:
     if not isinstance(layers, list) or not all(isinstance(v, str) and v for v in layers):
         raise ConfigError(f"{where}.layers: {layers!r}; expected a list of layer names (empty: the probe layers)")
     return AnalysisConfig(
-        enabled=_bool(table, "enabled", where, d.enabled),
-        seed=_int(table, "seed", where, d.seed),
-        n=_int(table, "n", where, d.n, minimum=10),
+        enabled=read_bool(table, "enabled", where, d.enabled),
+        seed=read_int(table, "seed", where, d.seed),
+        n=read_int(table, "n", where, d.n, minimum=10),
         strengths=tuple(float(s) for s in strengths),
-        mutants=_int(table, "mutants", where, d.mutants, minimum=1),
-        embedding=_str(table, "embedding", where, d.embedding, _EMBEDDINGS),
+        mutants=read_int(table, "mutants", where, d.mutants, minimum=1),
+        embedding=read_str(table, "embedding", where, d.embedding, _EMBEDDINGS),
         layers=tuple(layers),
     )
 
@@ -318,8 +236,8 @@ def _analysis(table: dict[str, Any]) -> AnalysisConfig:
 def _train(table: dict[str, Any], where: str) -> dict[str, Any]:
     from malex.models.train import TrainConfig
 
-    allowed = _config_fields(TrainConfig) - {"seed"}
-    _check_keys(table, allowed, where)
+    allowed = config_fields(TrainConfig) - {"seed"}
+    check_keys(table, allowed, where)
     try:
         TrainConfig(**table)
     except (ConfigError, TypeError) as exc:
@@ -355,100 +273,100 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> 
     from malex.detectors import DETECTORS
     from malex.models import ARCHITECTURES
 
-    raw = _table(dict(raw), "the config")
-    _check_keys(raw, _TOP_KEYS, "config")
-    study = _table(raw.get("study", {}), "study")
-    _check_keys(study, _STUDY_KEYS, "study")
+    raw = read_table(dict(raw), "the config")
+    check_keys(raw, _TOP_KEYS, "config")
+    study = read_table(raw.get("study", {}), "study")
+    check_keys(study, _STUDY_KEYS, "study")
 
     seeds = study.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"study.seeds: {seeds!r}; expected a non-empty list of distinct integers >= 0")
     fpr = check_fpr(study.get("fpr", DEFAULT_FPR), "study.fpr")
-    counts = {k: _int(study, k, "study", default, minimum=minimum) for k, default, minimum in
+    counts = {k: read_int(study, k, "study", default, minimum=minimum) for k, default, minimum in
               (("n_clean", 1000, 10), ("n_malicious", 1000, 1), ("n_fit", 2000, 10), ("n_calibration", 1000, 10))}
-    detectors = _names(study, "detectors", "study", _DEFAULT_DETECTORS, DETECTORS, "detector")
-    guard = _names(study, "guard", "study", _default_guard(), DETECTORS, "detector")
-    device = _str(study, "device", "study", "cpu")
-    batch_size = _int(study, "batch_size", "study", 256, minimum=1)
-    data_dir = _str(study, "data_dir", "study", None)
+    detectors = read_names(study, "detectors", "study", _DEFAULT_DETECTORS, DETECTORS, "detector")
+    guard = read_names(study, "guard", "study", _default_guard(), DETECTORS, "detector")
+    device = read_str(study, "device", "study", "cpu")
+    batch_size = read_int(study, "batch_size", "study", 256, minimum=1)
+    data_dir = read_str(study, "data_dir", "study", None)
     base = Path(base_dir) if base_dir is not None else None
     if data_dir is not None and base is not None and not Path(data_dir).is_absolute():
         data_dir = str(base / data_dir)
 
     det_settings: dict[str, dict[str, Any]] = {}
-    for name, table in _table(raw.get("detectors", {}), "detectors").items():
+    for name, table in read_table(raw.get("detectors", {}), "detectors").items():
         if name not in DETECTORS:
             raise ConfigError(f"detectors.{name}: unknown detector {name!r}; expected one of {', '.join(DETECTORS)}")
-        det_settings[name] = _settings(_table(table, f"detectors.{name}"))
+        det_settings[name] = as_settings(read_table(table, f"detectors.{name}"))
 
     attacks: dict[str, AttackSpec] = {}
     for section, build in (("backdoors", _backdoor), ("adversarial", _adversarial)):
-        for name, table in _table(raw.get(section, {}), section).items():
+        for name, table in read_table(raw.get(section, {}), section).items():
             where = f"{section}.{name}"
-            _name(name, where)
+            check_name(name, where)
             if name in attacks:
                 raise ConfigError(f"{where}: the name {name!r} is used by a backdoor and an adversarial attack; "
                                   "expected distinct names")
             if name == CLEAN_MODEL:
                 raise ConfigError(f"{where}: {CLEAN_MODEL!r} names the clean model; choose another attack name")
-            attacks[name] = build(name, _table(table, where), where)
+            attacks[name] = build(name, read_table(table, where), where)
 
-    datasets_raw = _table(raw.get("datasets", {}), "datasets")
+    datasets_raw = read_table(raw.get("datasets", {}), "datasets")
     if not datasets_raw:
         raise ConfigError("datasets: no dataset; expected at least one [datasets.NAME] table")
     datasets = []
     for name, table in datasets_raw.items():
         where = f"datasets.{name}"
-        _name(name, where)
-        table = _table(table, where)
-        _check_keys(table, _DATASET_KEYS, where)
-        arch = _str(table, "arch", where, None)
+        check_name(name, where)
+        table = read_table(table, where)
+        check_keys(table, _DATASET_KEYS, where)
+        arch = read_str(table, "arch", where, None)
         if arch is None:
             raise ConfigError(f"{where}.arch: missing; expected one of {', '.join(ARCHITECTURES)}")
         if arch not in ARCHITECTURES:
             raise ConfigError(f"{where}.arch: unknown architecture {arch!r}; expected one of "
                               f"{', '.join(ARCHITECTURES)}")
-        data = _str(table, "data", where, name)
+        data = read_str(table, "data", where, name)
         if base is not None and (data.endswith(".npz") or "/" in data) and not Path(data).is_absolute():
             data = str(base / data)
-        chosen = _names(table, "attacks", where, tuple(attacks), attacks, "attack")
+        chosen = read_names(table, "attacks", where, tuple(attacks), attacks, "attack")
         if not chosen:
             raise ConfigError(f"{where}.attacks: no attack; define [backdoors.NAME] or [adversarial.NAME] tables")
-        overrides = _table(table.get("attack_settings", {}), f"{where}.attack_settings")
+        overrides = read_table(table.get("attack_settings", {}), f"{where}.attack_settings")
         for attack_name in overrides:
             if attack_name not in chosen:
                 raise ConfigError(f"{where}.attack_settings.{attack_name}: not an attack of this dataset; expected "
                                   f"one of {', '.join(chosen)}")
         specs = tuple(
-            _with_overrides(attacks[a], _settings(_table(overrides[a], f"{where}.attack_settings.{a}")),
+            _with_overrides(attacks[a], as_settings(read_table(overrides[a], f"{where}.attack_settings.{a}")),
                             f"{where}.attack_settings.{a}") if a in overrides else attacks[a]
             for a in chosen
         )
-        ds_detectors = _names(table, "detectors", where, detectors, DETECTORS, "detector")
-        ds_guard = _names(table, "guard", where, guard, DETECTORS, "detector")
+        ds_detectors = read_names(table, "detectors", where, detectors, DETECTORS, "detector")
+        ds_guard = read_names(table, "guard", where, guard, DETECTORS, "detector")
         ds_settings = {k: dict(v) for k, v in det_settings.items()}
-        for det, t in _table(table.get("detector_settings", {}), f"{where}.detector_settings").items():
+        for det, t in read_table(table.get("detector_settings", {}), f"{where}.detector_settings").items():
             if det not in DETECTORS:
                 raise ConfigError(f"{where}.detector_settings.{det}: unknown detector {det!r}; expected one of "
                                   f"{', '.join(DETECTORS)}")
-            ds_settings[det] = {**ds_settings.get(det, {}), **_settings(_table(t, f"{where}.detector_settings.{det}"))}
+            ds_settings[det] = {**ds_settings.get(det, {}), **as_settings(read_table(t, f"{where}.detector_settings.{det}"))}
         used = set(ds_detectors) | set(ds_guard)
         _check_detectors(arch, [d for d in DETECTORS if d in used], ds_settings, det_settings, where)
         datasets.append(DatasetSpec(
             name=name, data=data, arch=arch,
-            train=_train(_table(table.get("train", {}), f"{where}.train"), f"{where}.train"),
-            poison_rate=_float(table, "poison_rate", where, 0.1, 0.0, 1.0),
-            target=_int(table, "target", where, 0),
+            train=_train(read_table(table.get("train", {}), f"{where}.train"), f"{where}.train"),
+            poison_rate=read_float(table, "poison_rate", where, 0.1, 0.0, 1.0),
+            target=read_int(table, "target", where, 0),
             attacks=specs,
             detectors=ds_detectors,
             detector_settings={k: v for k, v in ds_settings.items() if k in used},
             guard=ds_guard,
-            **{k: _int(table, k, where, v, minimum=1 if k == "n_malicious" else 10) for k, v in counts.items()},
+            **{k: read_int(table, k, where, v, minimum=1 if k == "n_malicious" else 10) for k, v in counts.items()},
         ))
     return StudyConfig(
         datasets=tuple(datasets), seeds=tuple(seeds), fpr=fpr, device=device, batch_size=batch_size,
-        data_dir=data_dir, analysis=_analysis(_table(raw.get("analysis", {}), "analysis")),
+        data_dir=data_dir, analysis=_analysis(read_table(raw.get("analysis", {}), "analysis")),
         raw=normalise_raw(raw), base_dir=None if base is None else str(base.resolve()),
     )
 

@@ -1,4 +1,5 @@
-"""Mean ± std over seeds of the finished cells, as rich tables, Markdown and CSV.
+"""A study's tables: mean ± std over seeds of the finished cells (plain metrics dicts, one per cell, as the
+study writes them), as rich tables, Markdown and CSV.
 
 The standard deviation is the sample one (ddof = 1) over seeds; with one seed it is undefined and shown
 as "–" (empty in CSV).
@@ -250,9 +251,9 @@ def datasets_of(cells: Sequence[dict[str, Any]]) -> list[str]:
     return _ordered(c["dataset"] for c in cells)
 
 
-def markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], missing: Sequence[Any],
+def markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], missing: Sequence[str],
              seeds: Sequence[int], fpr: float) -> str:
-    """The whole results.md."""
+    """The whole results.md; `missing`: the labels of the cells not finished."""
     lines = ["# Study results", "",
              f"Seeds: {', '.join(map(str, seeds))}. Every number is the mean ± sample std over the seeds' cells. "
              "Clean inputs: correctly classified test inputs; malicious inputs: successful attacks only. AUROC and "
@@ -275,11 +276,11 @@ def markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
             kind = next(s["kind"] for s in summary if s["dataset"] == dataset and s["attack"] == attack)
             lines += [f"### {attack} ({kind})", "", markdown_table(*attack_table(summary, dataset, attack)), ""]
     if missing:
-        lines += ["## Cells not finished", ""] + [f"- {c.label}" for c in missing] + [""]
+        lines += ["## Cells not finished", ""] + [f"- {label}" for label in missing] + [""]
     return "\n".join(lines)
 
 
-def write_markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], missing: Sequence[Any],
+def write_markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], missing: Sequence[str],
                    path: Path, seeds: Sequence[int], fpr: float) -> Path:
     return atomic_write_bytes(path, markdown(cells, summary, missing, seeds, fpr).encode())
 

@@ -1,0 +1,102 @@
+"""One cell of the grid: its metrics (one row per detector and one for the guard), computed from the cached
+artifacts of its (dataset, seed), and the check that a cell on disk is finished and up to date."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from malex.calibration import calibrate
+from malex.evaluate.study import fits, guards
+from malex.evaluate.study.cache import Artifact, matches, normalise, read_json, read_meta, write_json
+from malex.evaluate.study.config import GUARD
+from malex.evaluate.study.grid import Cell
+from malex.evaluate.study.seed import SeedRun
+from malex.metrics import evaluate_flags, evaluate_scores, unscored_as_suspicious
+
+CELL_FORMAT = "malex-study-cell"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def compute_cell(run: SeedRun, cell: Cell) -> dict[str, Any]:
+    """Make what the cell needs (model, attack, fits, guard; cached ones are read), score its malicious inputs,
+    and write its metrics.json (last, so a cell on disk is finished)."""
+    t0 = time.perf_counter()
+    ctx, ds = run.ctx, run.ds
+    attack = ds.attack(cell.attack)
+    key = attack.model_key
+    model, model_meta = run.model(key)
+    x, attack_meta = run.attack(attack)
+    fitted = run.fits(key)
+    scores = fits.malicious_scores(ctx, run.specs, cell, x, attack_meta["id"], fitted, model,
+                                   lambda name: run.refit(key, name))
+    guard_score, guard_flagged = guards.screen_cell(ctx, run.specs, cell, key, x, attack_meta["id"], run.guard(key),
+                                                    model, lambda: run.refit_guard(key))
+    guard = run.guard(key)
+    rows = []
+    if len(x):
+        for name in ds.detectors:
+            clean, malicious, unscored = unscored_as_suspicious(fitted[name].clean, scores[name])
+            m = evaluate_scores(clean, malicious, calibrate(fitted[name].calibration, ctx.config.fpr))
+            rows.append({"detector": name, **m.as_dict(), "clean_fpr": 1.0 - m.clean_pass, "unscored": unscored})
+        m = evaluate_flags(guard.clean_score, guard.clean_flagged, guard_score, guard_flagged)
+        rows.append({"detector": GUARD, **m.as_dict(), "clean_fpr": 1.0 - m.clean_pass})
+    else:
+        ctx.log(f"  {cell.attack}: no successful malicious input; the cell has no rows")
+    metrics = {
+        "format": CELL_FORMAT,
+        "spec": normalise(run.specs.cell(attack_meta["id"], {d: fitted[d].id for d in ds.detectors}, guard.id)),
+        "dataset": cell.dataset, "attack": cell.attack, "kind": attack.kind, "method": attack.method,
+        "seed": cell.seed, "model": key, "fpr": ctx.config.fpr,
+        "model_summary": {k: model_meta[k] for k in ("clean_accuracy", "attack_success_rate") if k in model_meta},
+        "attack_summary": attack_meta.get("summary", {}),
+        "rows": rows, "seconds": time.perf_counter() - t0, "finished": _now(),
+    }
+    write_json(ctx.layout.cell_metrics(cell.dataset, cell.attack, cell.seed), metrics)
+    return metrics
+
+
+def expected_cell_spec(run: SeedRun, cell: Cell) -> dict[str, Any] | None:
+    """The spec a finished cell must record, from the artifacts on disk; None when one is missing or stale."""
+    layout, ds, specs = run.ctx.layout, run.ds, run.specs
+    attack = ds.attack(cell.attack)
+    model = run.recorded_model(attack.model_key)
+    if model is None:
+        return None
+    made = Artifact(layout.attack(ds.name, cell.seed, attack.name), specs.attack(attack, model["id"])).meta()
+    if made is None:
+        return None
+    fit_ids = {}
+    for det in ds.detectors:
+        got = Artifact(layout.fit(ds.name, cell.seed, attack.model_key, det), specs.fit(det, model["id"])).meta()
+        if got is None:
+            return None
+        fit_ids[det] = got["id"]
+    guard = Artifact(layout.guard_clean(ds.name, cell.seed, attack.model_key), specs.guard(model["id"])).meta()
+    if guard is None:
+        return None
+    return specs.cell(made["id"], fit_ids, guard["id"])
+
+
+def finished_metrics(run: SeedRun, cell: Cell) -> dict[str, Any] | None:
+    """The finished cell's metrics.json, or None when it or another file of the cell is missing, damaged or out
+    of date."""
+    layout = run.ctx.layout
+    metrics = read_json(layout.cell_metrics(cell.dataset, cell.attack, cell.seed))
+    if metrics is None or metrics.get("format") != CELL_FORMAT:
+        return None
+    expected = expected_cell_spec(run, cell)
+    if expected is None or metrics.get("spec") != normalise(expected):
+        return None
+    for det, fit_id in expected["fits"].items():
+        if not matches(read_meta(layout.cell_scores(cell.dataset, cell.attack, cell.seed, det)),
+                       run.specs.scores(expected["attack"], fit_id)):
+            return None
+    if not matches(read_meta(layout.cell_guard(cell.dataset, cell.attack, cell.seed)),
+                   run.specs.screening(expected["attack"], expected["guard"])):
+        return None
+    return metrics
