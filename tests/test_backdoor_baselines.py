@@ -12,7 +12,6 @@ so IBD-PSC's amplification only sharpens the softmax (see ibd_psc.py).
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from torch import nn
 
 from malex.detectors.ibd_psc import IBDPSC, IBDPSCConfig, amplifiable_layers
 from malex.detectors.scale_up import ScaleUp, ScaleUpConfig, scaled_consistency
-from malex.errors import ConfigError, NotFittedError
+from malex.errors import ConfigError
 from malex.metrics import auroc
 from malex.probe import Probe
 
@@ -43,8 +42,6 @@ def setup(poisoned_digits):
 def fitted(setup):
     """Each detector fitted once on the clean validation split, with its scores on clean and backdoor inputs."""
     model, obs = setup["model"], setup["obs"]
-    before = copy.deepcopy(model.state_dict())
-    was_training = model.training
     dets = {
         "scale_up_free": ScaleUp(model, ScaleUpConfig(per_class=False)),
         "scale_up_class": ScaleUp(model, ScaleUpConfig(per_class=True)),
@@ -54,7 +51,7 @@ def fitted(setup):
     for name, det in dets.items():
         det.fit(obs["fit"], setup["fit_y"])
         out[name] = (det, {k: det.score(obs[k]) for k in ("clean", "backdoor")})
-    return {"dets": out, "state_before": before, "was_training": was_training}
+    return {"dets": out}
 
 
 # --- separation ------------------------------------------------------------------------------------------
@@ -84,37 +81,7 @@ def test_scale_up_per_class_standardises_by_the_predicted_class(setup, fitted):
         assert abs(z[pred == k].mean()) < 1e-9  # the fit inputs are centred within their class
 
 
-# --- the contract ------------------------------------------------------------------------------------------
-
-def test_fit_and_score_never_change_the_model(setup, fitted):
-    model = setup["model"]
-    for det, _ in fitted["dets"].values():
-        det.score(setup["obs"]["clean"].subset(slice(0, 16)))
-    after = model.state_dict()
-    before = fitted["state_before"]
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert model.training == fitted["was_training"]  # eval mode was only borrowed
-
-
-@pytest.mark.parametrize("name", ["scale_up_free", "scale_up_class", "ibd_psc"])
-def test_export_json_restore_gives_identical_scores(setup, fitted, name):
-    det, s = fitted["dets"][name]
-    meta, tensors = det.export()
-    meta = json.loads(json.dumps(meta))
-    fresh = type(det)(setup["model"], det.config).restore(meta, {k: v.clone() for k, v in tensors.items()})
-    np.testing.assert_array_equal(fresh.score(setup["obs"]["backdoor"]), s["backdoor"])
-    np.testing.assert_array_equal(fresh.score(setup["obs"]["clean"]), s["clean"])
-
-
-def test_unfitted_detectors_raise(setup):
-    obs = setup["obs"]["clean"].subset(slice(0, 4))
-    for det in (ScaleUp(setup["model"]), IBDPSC(setup["model"])):
-        with pytest.raises(NotFittedError):
-            det.score(obs)
-        with pytest.raises(NotFittedError):
-            det.export()
-
+# --- settings ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [
     lambda: ScaleUpConfig(scales=()),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from malex.detectors import SPRT, ModelMutation, MutationConfig, Strip, StripConfig, make_detector
 from malex.detectors.mutation import GaussianFuzzer
 from malex.detectors.strip import entropy
-from malex.errors import ConfigError, NotFittedError
+from malex.errors import ConfigError
 from malex.metrics import auroc
 from malex.models.inference import predict
 from malex.probe import Probe
@@ -49,13 +48,6 @@ def test_sprt_around_keeps_rates_inside_unit_interval_and_orders_them_by_side():
 
 
 # --- model mutation -------------------------------------------------------------------------------------
-
-def test_mutation_never_changes_the_guarded_model(setup, fit_and_score):
-    before = copy.deepcopy(setup["model"].state_dict())
-    fit_and_score(make_detector("mutation_adv", setup["model"]), setup, kinds=("clean",))
-    after = setup["model"].state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
 
 def test_mutants_are_reproducible_and_follow_the_gaussian_fuzzing_rule(setup):
     det = ModelMutation(setup["model"], MutationConfig(strength=0.5, seed=3))
@@ -137,16 +129,7 @@ def test_sequential_test_saves_mutants_and_agrees_with_the_full_test(setup):
     assert np.mean((seq.decision == 1) == full_flag) >= 0.9
 
 
-def test_unfitted_detectors_raise(setup):
-    obs = Probe(setup["model"], ["head:in"]).run(setup["clean"][:4])
-    for det in (make_detector("mutation_bd", setup["model"]), make_detector("strip", setup["model"])):
-        with pytest.raises(NotFittedError):
-            det.score(obs)
-
-
-def test_bad_settings_and_names_raise(setup):
-    with pytest.raises(ConfigError):
-        make_detector("no-such-detector", setup["model"])
+def test_bad_settings_raise(setup):
     with pytest.raises(ConfigError):
         MutationConfig(strength=-1)
     with pytest.raises(ConfigError):
@@ -175,16 +158,3 @@ def test_strip_scores_are_deterministic_and_fit_needs_enough_inputs(setup):
     with pytest.raises(ConfigError):
         Strip(setup["model"], StripConfig(n_overlays=64)).fit(obs.subset(slice(0, 10)))
 
-
-@pytest.mark.parametrize("name", ["mutation_adv", "mutation_bd", "strip"])
-def test_export_and_restore_give_identicalfit_and_score(setup, name, fit_and_score):
-    det = make_detector(name, setup["model"])
-    probe = Probe(setup["model"], det.layers())
-    det.fit(probe.run(setup["fit"]))
-    obs = probe.run(torch.cat([setup["clean"][:40], setup["backdoor"][:40]]))
-    meta, tensors = det.export()
-    json_meta = json.loads(json.dumps(meta))  # metadata survives JSON
-    fresh = make_detector(name, setup["model"]).restore(json_meta, tensors)
-    np.testing.assert_array_equal(det.score(obs), fresh.score(obs))
-    with pytest.raises(NotFittedError):
-        make_detector(name, setup["model"]).export()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import Counter
 
 import numpy as np
@@ -12,7 +14,7 @@ from safetensors.torch import save_file
 
 from malex.attacks.adversarial import make_adversarial
 from malex.errors import ConfigError, InputError, ModelFileError, NotFittedError
-from malex.guard import Guard, GuardConfig
+from malex.guard import ADVERSARIAL, BACKDOOR, BENIGN, Guard, GuardConfig
 from malex.guard.guard import calibrate_guard, combine_pvalues, in_sample_guard_scores
 from malex.guard.pvalues import conformal_pvalues, in_sample_pvalues, in_sample_tail_pvalues, tail_pvalues
 from malex.models import build_model
@@ -111,6 +113,38 @@ def test_saved_guard_scores_the_same_after_loading(setup, tmp_path):
     assert a.verdict == b.verdict
     for k in a.scores:
         np.testing.assert_array_equal(a.scores[k], b.scores[k])
+
+
+def test_guard_file_layout_stays_format_version_1(setup, tmp_path):
+    """Guards saved by earlier versions must keep loading: the header and tensor names do not move."""
+    guard = setup["guard"]
+    path = guard.save(tmp_path / "g.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, names = f.metadata(), set(f.keys())
+    header = json.loads(meta["malex"])
+    assert set(meta) == {"malex", "digest"}
+    assert list(header) == ["format", "version", "model_fingerprint", "config", "threshold", "detectors"]
+    assert (header["format"], header["version"]) == ("malex-guard", 1)
+    assert set(header["config"]) == {f.name for f in dataclasses.fields(GuardConfig)} - {"progress"}
+    assert header["config"]["detectors"] == list(guard.detectors) and list(header["detectors"]) == list(guard.detectors)
+    assert set(header["threshold"]) == {"value", "fpr"}
+    for name, det in guard.detectors.items():
+        exported_meta, tensors = det.export()
+        assert header["detectors"][name] == json.loads(json.dumps(exported_meta))
+        assert {f"det/{name}/{k}" for k in tensors} | {f"cal/{name}"} <= names
+    assert all(n.startswith(("det/", "cal/")) for n in names)
+
+
+def test_verdict_kinds_come_from_each_detectors_declared_evidence(setup, monkeypatch):
+    guard = setup["guard"]
+    assert {name: det.evidence for name, det in guard.detectors.items()} == {
+        "mutation_adv": ADVERSARIAL, "mutation_bd": BACKDOOR, "kd_bu": None, "mahalanobis": None}
+    before = guard.screen(setup["backdoor"])
+    assert Counter(before.verdict)[BACKDOOR] >= 0.9 * len(before)
+    monkeypatch.setattr(type(guard.detectors["mutation_bd"]), "evidence", ADVERSARIAL)
+    after = guard.screen(setup["backdoor"])
+    np.testing.assert_array_equal(after.flagged, before.flagged)  # the same inputs flagged, typed the other way
+    assert set(after.verdict) <= {BENIGN, ADVERSARIAL}
 
 
 def test_save_refuses_to_overwrite(setup, tmp_path):

@@ -7,9 +7,6 @@ PGD; default squeezing 0.11 on BadNets (trigger inputs are *more* stable under s
 
 from __future__ import annotations
 
-import copy
-import json
-
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -35,9 +32,9 @@ from malex.detectors.squeeze import (
     parse_squeezer,
     squeeze,
 )
-from malex.errors import ConfigError, NotFittedError
+from malex.errors import ConfigError
 from malex.metrics import auroc
-from malex.probe import Observation, Probe
+from malex.probe import Probe
 
 torch.set_num_threads(1)
 
@@ -94,16 +91,13 @@ def test_nic_separates_backdoor_and_adversarial_inputs(setup, fit_and_score):
     assert auroc(s["clean"], s["adversarial"]) >= 0.75
 
 
-def test_nic_caps_the_clean_inputs_it_keeps_and_never_changes_the_model(setup, fit_and_score):
-    before = copy.deepcopy(setup["model"].state_dict())
+def test_nic_caps_the_clean_inputs_it_keeps(setup, fit_and_score):
     det = NIC(setup["model"], NICConfig(max_fit=100, seed=3))
     fit_and_score(det, setup, kinds=("clean",))
     assert det.n_fit_ == 100
     assert all(v.shape[0] <= 50 for v in det.svm_support_.values())  # each SVM sees one half of the cap
     fitted = (det.svm_support_, det.proj_matrix_, det.lr_coef_)
     assert all(isinstance(v, np.ndarray) for d in fitted for v in d.values())  # plain arrays, no sklearn
-    after = setup["model"].state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_nic_rejects_bad_settings_and_too_few_inputs(setup):
@@ -173,35 +167,3 @@ def test_one_bit_squeezing_separates_adversarial_inputs_but_not_backdoor_ones(se
     d = fit_and_score(FeatureSqueezing(setup["model"]), setup, kinds=("clean", "backdoor"))
     assert auroc(d["clean"], d["backdoor"]) <= 0.35  # a trigger survives squeezing: backdoor inputs look stable
 
-
-# --- both: contract -------------------------------------------------------------------------------------
-
-def _detectors(model):
-    return {"nic": lambda: NIC(model, NICConfig(seed=2)), "squeeze": lambda: FeatureSqueezing(model)}
-
-
-@pytest.mark.parametrize("name", ["nic", "squeeze"])
-def test_unfitted_detectors_raise(setup, name):
-    det = _detectors(setup["model"])[name]()
-    obs = Probe(setup["model"], det.layers()).run(setup["clean"][:4])
-    with pytest.raises(NotFittedError):
-        det.score(obs)
-    with pytest.raises(NotFittedError):
-        det.export()
-
-
-@pytest.mark.parametrize("name", ["nic", "squeeze"])
-def test_export_and_restore_give_identicalfit_and_score(setup, name, fit_and_score):
-    make = _detectors(setup["model"])[name]
-    det = make()
-    probe = Probe(setup["model"], det.layers())
-    det.fit(probe.run(setup["fit"]))
-    obs = probe.run(torch.cat([setup["clean"][:40], setup["backdoor"][:40], setup["adversarial"][:40]]))
-    meta, tensors = det.export()
-    json_meta = json.loads(json.dumps(meta))  # metadata survives JSON
-    fresh = make().restore(json_meta, {k: v.clone() for k, v in tensors.items()})
-    assert fresh.layers() == det.layers()
-    np.testing.assert_array_equal(det.score(obs), fresh.score(obs))
-    json.dumps(fresh.state())  # the report summary is JSON-able
-    empty = Observation(obs.x[:0], obs.logits[:0], {k: v[:0] for k, v in obs.features.items()})
-    assert fresh.score(empty).shape == (0,)

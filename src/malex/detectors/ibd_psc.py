@@ -204,6 +204,8 @@ class IBDPSC(Detector):
     def psc(self, obs: Observation) -> np.ndarray:
         """Mean over the amplified models of the probability of the original label; one float64 per input."""
         self.check_fitted()
+        if len(obs) == 0:
+            return np.zeros(0)
         label = obs.pred.view(-1, 1)
         total = torch.zeros(len(obs), dtype=torch.float64)
         for count in self.layer_counts_:

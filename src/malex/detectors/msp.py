@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from malex.detectors.base import Detector
 from malex.errors import ConfigError, InputError

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from malex.detectors.base import ADVERSARIAL, Detector
 from malex.device import model_device

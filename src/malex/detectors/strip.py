@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from malex.detectors.base import BACKDOOR, Detector
 from malex.device import model_device
@@ -72,7 +71,7 @@ class Strip(Detector):
                 blends = a * xb.unsqueeze(1) + (1 - a) * overlays.unsqueeze(0)  # (b, k, C, H, W)
                 logits = self.model(blends.flatten(0, 1)).float().view(xb.shape[0], k, -1)
                 out.append(entropy(logits).mean(dim=1).cpu())
-        return -torch.cat(out).double().numpy()
+        return -torch.cat(out).double().numpy() if out else np.zeros(0)
 
     def state(self) -> dict:
         return {"config": asdict(self.config)}
