@@ -22,20 +22,19 @@ import argparse
 import hashlib
 import json
 import re
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from malex.attacks.backdoor import PoisonConfig, Trigger, make_trigger, poison_split, triggered_inputs
+from malex.attacks.backdoor import PoisonConfig, Trigger, make_trigger, train_model, triggered_inputs
 from malex.data import load_npz
 from malex.data.dataset import Dataset, stratified_split
 from malex.detectors import make_detector
 from malex.metrics import auroc
-from malex.models import build_model, load_model, save_model
+from malex.models import load_model, save_model
 from malex.models.inference import accuracy, predict
-from malex.models.train import TrainConfig, train_classifier
+from malex.models.train import TrainConfig
 from malex.probe import Probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,14 +75,10 @@ def cached_model(settings: dict, data: Dataset, arch: str, trigger: Trigger | No
         model, desc = load_model(path)
         if desc["info"].get("settings") == settings:
             return model, float(desc["info"]["train_seconds"]), True
-    torch.manual_seed(train.seed)
-    model = build_model(arch, data.image_shape, data.num_classes)
-    split = data.train if trigger is None else poison_split(data.train, trigger, poison)[0]
-    start = time.perf_counter()
-    train_classifier(model, split, train)
-    seconds = time.perf_counter() - start
-    save_model(model, path, arch, info={"settings": settings, "train_seconds": seconds}, overwrite=True)
-    return model, seconds, False
+    trained = train_model(data, arch, train, trigger, poison)
+    save_model(trained.model, path, arch, info={"settings": settings, "train_seconds": trained.seconds},
+               overwrite=True)
+    return trained.model, trained.seconds, False
 
 
 def separability(model: torch.nn.Module, data: Dataset, clean_x: torch.Tensor, trigger_x: torch.Tensor) -> float:

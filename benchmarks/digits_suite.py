@@ -19,15 +19,14 @@ import numpy as np
 import torch
 
 from malex.attacks.adversarial import make_adversarial
-from malex.attacks.backdoor import PoisonConfig, attack_success_rate, make_trigger, poison_split, triggered_inputs
+from malex.attacks.backdoor import PoisonConfig, make_trigger, train_model, triggered_inputs
 from malex.data import load_digits
 from malex.detectors import DETECTORS
 from malex.evaluate.guarded import GUARD_ROW, evaluate_guard
 from malex.guard import ADVERSARIAL, BACKDOOR, BENIGN, Guard, GuardConfig
 from malex.guard.guard import detectors_from
-from malex.models import build_model
-from malex.models.inference import accuracy, predict
-from malex.models.train import TrainConfig, train_classifier
+from malex.models.inference import predict
+from malex.models.train import TrainConfig
 
 TRIGGERS = {"BadNets": ("badnets", {"size": 2, "margin": 0}), "Blend": ("blend", {"alpha": 0.2})}
 TARGET = 1
@@ -36,13 +35,12 @@ TARGET = 1
 def run_one(trigger_name: str, seed: int, detectors: tuple[str, ...], guard_detectors: tuple[str, ...]) -> dict:
     """One poisoned model and its attacks; every detector's rows (from a guard holding them all) and the
     rows, clean FPR and verdict accuracy of the guard holding `guard_detectors`."""
-    torch.manual_seed(seed)
     data = load_digits(seed)
     kind, settings = TRIGGERS[trigger_name]
     trigger = make_trigger(kind, **settings)
-    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(0.1, TARGET, seed))
-    model = build_model("digits_cnn", data.image_shape, data.num_classes)
-    train_classifier(model, poisoned, TrainConfig(epochs=40, shift=1, seed=seed), progress=False)
+    trained = train_model(data, "digits_cnn", TrainConfig(epochs=40, shift=1, seed=seed), trigger,
+                          PoisonConfig(0.1, TARGET, seed), progress=False)
+    model = trained.model
     correct = data.test.subset(predict(model, data.test.x) == data.test.y)
     stamped = triggered_inputs(data.test, trigger, TARGET).x
     malicious = {
@@ -65,8 +63,8 @@ def run_one(trigger_name: str, seed: int, detectors: tuple[str, ...], guard_dete
     verdicts = guard.screen(torch.cat(mixed_x)).verdict
     return {
         "rows": rows,
-        "clean_accuracy": accuracy(model, data.test.x, data.test.y),
-        "asr": attack_success_rate(model, data.test, trigger, TARGET),
+        "clean_accuracy": trained.clean_accuracy,
+        "asr": trained.attack_success_rate,
         "verdict_accuracy": float(np.mean([v == t for v, t in zip(verdicts, mixed_truth)])),
         "guard_fpr": float(guard.screen(data.test.x).flagged.mean()),
     }

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from malex.attacks.backdoor import PoisonConfig, make_trigger, poison_split
+from malex.attacks.backdoor import PoisonConfig, make_trigger, train_model
 from malex.data import Dataset
-from malex.models import Classifier, build_model, load_model, save_model
-from malex.models.train import TrainConfig, train_classifier
+from malex.models import Classifier, load_model, save_model
+from malex.models.train import TrainConfig
 
 ARCH = "digits_cnn"
 
@@ -33,10 +33,8 @@ def poisoned_model(data: Dataset, args: argparse.Namespace) -> tuple[Classifier,
         model, _ = load_model(path)
         return model, f"loaded from {path}"
     trigger = make_trigger("badnets", size=args.trigger_size, margin=0)
-    poisoned, _ = poison_split(data.train, trigger, PoisonConfig(args.rate, args.target, args.seed))
-    torch.manual_seed(args.seed)
-    model = build_model(ARCH, data.image_shape, data.num_classes)
-    train_classifier(model, poisoned, TrainConfig(epochs=args.epochs, seed=args.seed), progress=False)
+    model = train_model(data, ARCH, TrainConfig(epochs=args.epochs, seed=args.seed), trigger,
+                        PoisonConfig(args.rate, args.target, args.seed), progress=False).model
     save_model(model, path, ARCH, info={"dataset": "digits", "seed": args.seed, "epochs": args.epochs,
                                         "trigger": trigger.describe(), "rate": args.rate, "target": args.target})
-    return model.eval(), f"trained ({args.epochs} epochs, torch {torch.__version__}) and saved to {path}"
+    return model, f"trained ({args.epochs} epochs, torch {torch.__version__}) and saved to {path}"
