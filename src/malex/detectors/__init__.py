@@ -75,6 +75,6 @@ __all__ = [
     "LIDConfig", "Mahalanobis", "MahalanobisConfig", "PenultimateConfig", "PenultimateMahalanobis", "ModelMutation",
     "AdversarialMutation", "AdversarialMutationConfig", "BackdoorMutation", "BackdoorMutationConfig",
     "FixedBackdoorMutation", "FixedBackdoorMutationConfig", "MSP", "MSPConfig", "MutationConfig", "MutationTest",
-    "Strip", "StripConfig", "Threshold", "calibrate", "detector_class", "detector_config_fields", "fit_detectors", "joint_probe",
-    "make_detector", "score_detectors",
+    "Strip", "StripConfig", "Threshold", "calibrate", "detector_class", "detector_config_fields", "fit_detectors",
+    "joint_probe", "make_detector", "score_detectors",
 ]

@@ -1,8 +1,10 @@
 """The one fit -> score path shared by the guard, the evaluation and the study: every detector reads one
 probe pass that captures the union of the layers they need.
 
-Scores are probed `chunk` inputs at a time and only the scores are kept. Chunking does not change them:
-no detector's score of an input depends on the other inputs scored with it (tests/test_detector_contract.py).
+Scores are probed `chunk` inputs at a time and only the scores are kept. No detector's score of an input
+depends on the other inputs scored with it (tests/test_detector_contract.py), so chunking changes no score,
+bit for bit when the chunk is a multiple of the batch sizes the probe and the detectors use, else at most by
+the float rounding of other batch sizes.
 """
 
 from __future__ import annotations

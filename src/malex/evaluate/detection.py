@@ -50,7 +50,9 @@ def run_detectors(
     sets = {"fit": fit_x, "calibration": calibration_x, "clean": clean_x, **malicious}
     run.observations = {name: probe.run(x) for name, x in sets.items()}
     fit_detectors(detectors, probe, fit_x, fit_y, progress=progress)
-    scores = {name: score_detectors(detectors, probe, x, chunk=max(len(x), 1)) for name, x in sets.items() if name != "fit"}
+    # each set scored whole, in one chunk, as it was probed
+    scores = {name: score_detectors(detectors, probe, x, chunk=max(len(x), 1))
+              for name, x in sets.items() if name != "fit"}
     for name in detectors:
         run.thresholds[name] = calibrate(scores["calibration"][name], fpr)
         run.clean_scores[name] = scores["clean"][name]

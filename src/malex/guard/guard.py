@@ -12,8 +12,8 @@ benchmarks/digits_suite.py) lost most single detectors' power.
 The verdict type follows the study's observation, never knowledge of the attack: backdoor inputs are
 robust (low label-change rate under strong mutation, confident blends) and adversarial inputs are
 sensitive (high label-change rate under mild mutation). Each detector class declares which kind its
-evidence points to (`Detector.evidence`); a flagged input is called the kind whose detectors give the stronger evidence (smaller
-p-value); detectors of no kind (feature-space anomalies) flag but do not type.
+evidence points to (`Detector.evidence`); a flagged input is called the kind whose detectors give the
+stronger evidence (smaller p-value); detectors of no kind (feature-space anomalies) flag but do not type.
 """
 
 from __future__ import annotations
