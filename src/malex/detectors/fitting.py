@@ -17,7 +17,7 @@ from torch import nn
 
 from malex.detectors.base import Detector
 from malex.errors import ConfigError
-from malex.probe import Probe
+from malex.probe import Observation, Probe
 from malex.progress import track
 
 
@@ -29,9 +29,19 @@ def joint_probe(model: nn.Module, detectors: Mapping[str, Detector]) -> Probe:
 def fit_detectors(detectors: Mapping[str, Detector], probe: Probe, x: torch.Tensor, y: torch.Tensor | None = None,
                   *, batch_size: int = 256, progress: bool = False, label: str = "fitting detectors") -> None:
     """ONE probe pass over the clean inputs `x`, then every detector's fit on it (labels `y` optional)."""
-    observed = probe.run(x, batch_size, progress=progress)
+    fit_observed(detectors, probe.run(x, batch_size, progress=progress), y, progress=progress, label=label)
+
+
+def fit_observed(detectors: Mapping[str, Detector], observed: Observation, y: torch.Tensor | None = None, *,
+                 progress: bool = False, label: str = "fitting detectors") -> None:
+    """Every detector's fit on a probe pass already made over clean inputs."""
     for det in track(list(detectors.values()), label, enabled=progress):
         det.fit(observed, y)
+
+
+def score_observed(detectors: Mapping[str, Detector], observed: Observation) -> dict[str, np.ndarray]:
+    """Every detector's float64 scores of the inputs of a probe pass already made."""
+    return {name: np.asarray(det.score(observed), dtype=np.float64) for name, det in detectors.items()}
 
 
 def score_detectors(detectors: Mapping[str, Detector], probe: Probe, x: torch.Tensor, *, batch_size: int = 256,
@@ -47,7 +57,7 @@ def score_detectors(detectors: Mapping[str, Detector], probe: Probe, x: torch.Te
     starts = range(0, n, chunk)
     for start in track(starts, label, enabled=progress and len(starts) > 1):
         rows = slice(start, start + chunk)
-        observed = probe.run(x[rows] if index is None else x[index[rows]], batch_size)
-        for name, det in detectors.items():
-            parts[name].append(np.asarray(det.score(observed), dtype=np.float64))
+        for name, s in score_observed(detectors, probe.run(x[rows] if index is None else x[index[rows]],
+                                                           batch_size)).items():
+            parts[name].append(s)
     return {name: np.concatenate(p) if p else np.zeros(0) for name, p in parts.items()}

@@ -9,7 +9,7 @@ import torch
 
 from malex.calibration import DEFAULT_FPR, Threshold, calibrate
 from malex.detectors.base import Detector
-from malex.detectors.fitting import fit_detectors, joint_probe, score_detectors
+from malex.detectors.fitting import fit_observed, joint_probe, score_observed
 from malex.metrics import DetectionMetrics, evaluate_scores
 from malex.probe import Observation
 
@@ -49,10 +49,8 @@ def run_detectors(
     run = DetectionRun()
     sets = {"fit": fit_x, "calibration": calibration_x, "clean": clean_x, **malicious}
     run.observations = {name: probe.run(x) for name, x in sets.items()}
-    fit_detectors(detectors, probe, fit_x, fit_y, progress=progress)
-    # each set scored whole, in one chunk, as it was probed
-    scores = {name: score_detectors(detectors, probe, x, chunk=max(len(x), 1))
-              for name, x in sets.items() if name != "fit"}
+    fit_observed(detectors, run.observations["fit"], fit_y, progress=progress)
+    scores = {name: score_observed(detectors, obs) for name, obs in run.observations.items() if name != "fit"}
     for name in detectors:
         run.thresholds[name] = calibrate(scores["calibration"][name], fpr)
         run.clean_scores[name] = scores["clean"][name]
