@@ -185,6 +185,32 @@ def test_big_endian_arrays_accepted():
         to_nchw_float(np.full((1, 1, 2, 2), np.nan, dtype=">f8"), shape=(1, 2, 2))
 
 
+@pytest.mark.parametrize("dtype", [np.longdouble, np.clongdouble, "V4", "U1", "datetime64[s]", "timedelta64[s]",
+                                   np.complex128, object])
+def test_unsupported_image_dtypes_refused_listing_the_accepted_ones(dtype):
+    # float128 (longdouble) was a bare TypeError from torch.from_numpy: a traceback in the CLI, a 500 in the service
+    x = np.zeros((1, 1, 2, 2), dtype=dtype)
+    with pytest.raises(InputError) as info:
+        to_nchw_float(x, shape=(1, 2, 2), source="inputs")
+    msg = str(info.value)
+    assert msg.startswith(f"inputs: images have dtype {x.dtype}; ") and "\n" not in msg
+    assert "expected uint8 (0..255) or float16, float32, float64 in [0, 1]" in msg
+
+
+def test_accepted_image_dtypes_are_exactly_uint8_and_float16_32_64():
+    from malex.data.validate import IMAGE_DTYPES
+
+    assert set(IMAGE_DTYPES) == {np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+    for dtype in IMAGE_DTYPES:
+        assert to_nchw_float(np.zeros((1, 1, 2, 2), dtype=dtype), shape=(1, 2, 2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [np.longdouble, "V8", "U1", "datetime64[s]"])
+def test_unsupported_label_dtypes_refused_with_input_error(dtype):
+    with pytest.raises(InputError, match=r"labels have dtype .*; expected integer class ids"):
+        to_labels(np.zeros(2, dtype=dtype), n=2)
+
+
 # ------------------------------------------------------------------------------------------------ to_labels
 
 

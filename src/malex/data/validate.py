@@ -16,9 +16,23 @@ from malex.errors import InputError
 
 ArrayLike = np.ndarray | torch.Tensor
 
+#: the NumPy dtypes images may have (native or either byte order): uint8 in 0..255, floats in [0, 1]
+IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: float label dtypes (whole numbers only); any integer dtype is accepted too
+_FLOAT_LABEL_DTYPES = IMAGE_DTYPES[1:]
+_EXPECTED_IMAGES = "expected uint8 (0..255) or float16, float32, float64 in [0, 1]"
+
 
 def _where(source: str | None) -> str:
     return f"{source}: " if source else ""
+
+
+def _native(array: np.ndarray, accepted: Sequence[np.dtype], what: str, expected: str) -> np.ndarray:
+    """`array` in native byte order when its dtype (in either byte order) is one of `accepted`, else `InputError`."""
+    native = array.dtype.newbyteorder("=") if array.dtype.byteorder in "<>" else array.dtype
+    if native not in accepted:
+        raise InputError(f"{what} have dtype {array.dtype}; {expected}")
+    return array if array.dtype.isnative else array.astype(native)
 
 
 def to_nchw_float(
@@ -30,16 +44,14 @@ def to_nchw_float(
     """Return `images` as a float32 NCHW tensor in [0, 1], checking everything on the way.
 
     `shape` is the expected (C, H, W) of one image; when given, NHWC input with that layout is accepted
-    and transposed. uint8 input is scaled by 1/255; float input must already lie in [0, 1].
+    and transposed. uint8 input is scaled by 1/255; float16/32/64 input must already lie in [0, 1]; any other
+    NumPy dtype (float128, complex, object, strings, datetimes, void) is refused naming the accepted ones.
     """
     where = _where(source)
     if isinstance(images, torch.Tensor):
         arr = images.detach().cpu()
     elif isinstance(images, np.ndarray):
-        if images.dtype.kind not in "biuf":
-            raise InputError(f"{where}images have dtype {images.dtype}; expected uint8 (0..255) or float in [0, 1]")
-        if not images.dtype.isnative:
-            images = images.astype(images.dtype.newbyteorder("="))
+        images = _native(images, IMAGE_DTYPES, f"{where}images", _EXPECTED_IMAGES)
         arr = torch.from_numpy(np.ascontiguousarray(images))
     else:
         raise InputError(f"{where}images must be a NumPy array or torch tensor, got {type(images).__name__}")
@@ -65,7 +77,7 @@ def to_nchw_float(
     if arr.dtype == torch.uint8:
         return arr.float().div_(255.0).contiguous()
     if arr.dtype == torch.bool or not (arr.is_floating_point()):
-        raise InputError(f"{where}images have dtype {arr.dtype}; expected uint8 (0..255) or float in [0, 1]")
+        raise InputError(f"{where}images have dtype {arr.dtype}; {_EXPECTED_IMAGES}")
     out = arr.float()
     if not torch.isfinite(out).all():
         bad = int((~torch.isfinite(out)).sum())
@@ -84,10 +96,8 @@ def to_labels(labels: ArrayLike, *, n: int, num_classes: int | None = None, sour
     where = _where(source)
     if not isinstance(labels, torch.Tensor):
         labels = np.asarray(labels)
-        if labels.dtype.kind not in "biuf":
-            raise InputError(f"{where}labels have dtype {labels.dtype}; expected integer class ids")
-        if not labels.dtype.isnative:
-            labels = labels.astype(labels.dtype.newbyteorder("="))
+        accepted = _FLOAT_LABEL_DTYPES + ((labels.dtype.newbyteorder("="),) if labels.dtype.kind in "biu" else ())
+        labels = _native(labels, accepted, f"{where}labels", "expected integer class ids")
     arr = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(labels))
     if arr.ndim != 1:
         raise InputError(f"{where}labels have shape {tuple(arr.shape)}; expected one dimension (N,)")
