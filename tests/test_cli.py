@@ -211,3 +211,136 @@ def test_predict_npz_path_with_npy_content(tmp_path, monkeypatch, capsys, model_
         _assert_in_process_error(code, err, "a.npz")
     else:  # and so is reading the one array it holds
         assert code in (0, None)
+
+
+# ------------------------------------------- output paths checked before any work; OS errors in one line
+
+
+def _no_work(monkeypatch):
+    """Make the first piece of real work of every writing command fail loudly, so a refusal must come first."""
+    import malex.data
+    import malex.evaluate.demo
+    import malex.evaluate.study
+    import malex.evaluate.study.runner
+    import malex.models
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the output path was checked")
+
+    for module, name in [(malex.models, "load_model"), (malex.data, "load_dataset"),
+                         (malex.evaluate.demo, "load_digits"), (malex.evaluate.study, "Study"),
+                         (malex.evaluate.study.runner, "open_study")]:
+        monkeypatch.setattr(module, name, work)
+
+
+def _writing_commands(tmp_path, target) -> dict[str, list]:
+    (tmp_path / "config.toml").write_text("")
+    return {
+        "scan": ["scan", tmp_path / "guard.safetensors", tmp_path / "inputs.npy", "--model", tmp_path / "m",
+                 "--output", target],
+        "fit": ["fit", tmp_path / "m", "--out", target],
+        "train": ["train", target, "--epochs", 1],
+        "demo": ["demo", "--out", target],
+        "study": ["study", tmp_path / "config.toml", "--out", target],
+    }
+
+
+@pytest.mark.parametrize("command", ["scan", "fit", "train", "demo", "study"])
+def test_output_under_a_file_refused_before_any_work(tmp_path, monkeypatch, capsys, command):
+    # was a traceback (NotADirectoryError) and only after all the work
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    _no_work(monkeypatch)
+    code, err = _main(monkeypatch, capsys, *_writing_commands(tmp_path, tmp_path / "notes.txt" / "out")[command])
+    _assert_in_process_error(code, err, "notes.txt", "is not a folder")
+
+
+@pytest.mark.parametrize("command", ["scan", "fit", "train", "demo", "study", "report"])
+def test_output_in_a_read_only_folder_refused_before_any_work(tmp_path, monkeypatch, capsys, command):
+    import malex.atomic
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    real_access = os.access
+
+    def access(p, mode):  # tests may run as root, where chmod cannot lock a folder
+        return real_access(p, mode) and not (mode & os.W_OK and os.path.abspath(p) == str(folder))
+
+    monkeypatch.setattr(malex.atomic.os, "access", access)
+    _no_work(monkeypatch)
+    args = ["report", folder] if command == "report" else _writing_commands(tmp_path, folder / "out")[command]
+    code, err = _main(monkeypatch, capsys, *args)
+    _assert_in_process_error(code, err, f"folder {folder} is not writable")
+
+
+def test_scan_output_into_a_missing_folder_refused_before_screening(tmp_path, monkeypatch, capsys):
+    # scan writes into an existing folder; a missing one was a FileNotFoundError traceback after screening
+    _no_work(monkeypatch)
+    target = tmp_path / "missing" / "rows.csv"
+    code, err = _main(monkeypatch, capsys, *_writing_commands(tmp_path, target)["scan"])
+    _assert_in_process_error(code, err, f"folder {target.parent} does not exist")
+
+
+@pytest.mark.parametrize("command", ["scan", "fit", "train"])
+def test_output_that_is_a_folder_refused_even_with_force(tmp_path, monkeypatch, capsys, command):
+    (tmp_path / "already").mkdir()
+    _no_work(monkeypatch)
+    code, err = _main(monkeypatch, capsys, *_writing_commands(tmp_path, tmp_path / "already")[command], "--force")
+    _assert_in_process_error(code, err, "already", "is a folder; expected a file")
+
+
+def test_scan_refuses_existing_output_before_screening(tmp_path, monkeypatch, capsys):
+    (tmp_path / "rows.csv").write_text("kept")
+    _no_work(monkeypatch)
+    code, err = _main(monkeypatch, capsys, *_writing_commands(tmp_path, tmp_path / "rows.csv")["scan"])
+    _assert_in_process_error(code, err, "rows.csv exists", "--force")
+    assert (tmp_path / "rows.csv").read_text() == "kept"
+
+
+@pytest.mark.parametrize("exc", [PermissionError(13, "Permission denied", "/data/m.safetensors"),
+                                 OSError(28, "No space left on device", "/data/m.safetensors")])
+def test_os_errors_end_in_one_line(tmp_path, monkeypatch, capsys, exc):
+    import malex.models
+
+    def fail(path):
+        raise exc
+
+    monkeypatch.setattr(malex.models, "read_description", fail)
+    code, err = _main(monkeypatch, capsys, "info", tmp_path / "m.safetensors")
+    _assert_in_process_error(code, err, f"error: /data/m.safetensors: {exc.strerror}")
+
+
+def test_genuine_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    import malex.models
+    from malex.cli import main
+
+    def bug(path):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(malex.models, "read_description", bug)
+    monkeypatch.setattr(sys, "argv", ["malex", "info", str(tmp_path / "m.safetensors")])
+    with pytest.raises(RuntimeError, match="a bug"):
+        main()
+
+
+# ------------------------------------------------------------------------------- demo never overwrites
+
+
+@pytest.mark.parametrize("existing", ["model.safetensors", "results.json", "roc_curves.png", "lcr_histograms.png"])
+def test_demo_refuses_a_folder_holding_its_files(tmp_path, monkeypatch, capsys, existing):
+    # the demo overwrote model.safetensors and results.json, against "nothing is overwritten without --force"
+    (tmp_path / existing).write_bytes(b"precious")
+    (tmp_path / "unrelated.txt").write_text("not the demo's")
+    _no_work(monkeypatch)
+    code, err = _main(monkeypatch, capsys, "demo", "--out", tmp_path)
+    _assert_in_process_error(code, err, str(tmp_path), existing, "--force")
+    assert (tmp_path / existing).read_bytes() == b"precious"
+
+
+def test_demo_with_force_goes_ahead_in_a_used_folder(tmp_path, monkeypatch):
+    import malex.cli
+
+    (tmp_path / "results.json").write_text("{}")
+    _no_work(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["malex", "demo", "--out", str(tmp_path), "--force"])
+    with pytest.raises(AssertionError, match="work started"):
+        malex.cli.main()

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from malex.atomic import check_folder, check_output
 from malex.calibration import DEFAULT_FPR
 from malex.errors import MalexError
 
@@ -23,12 +24,13 @@ def demo(
     out_dir: Path = typer.Option(Path("malex-out/demo"), "--out", help="Folder for results, model and plots."),
     seed: int = typer.Option(0, help="Seed for splits, training, attacks and mutants."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    force: bool = typer.Option(False, "--force", help="Replace the demo's files if the folder already holds them."),
 ) -> None:
     """Train a BadNets-poisoned model on the embedded digits, attack it, detect, report."""
     from malex.evaluate.demo import DemoConfig, run_demo
     from malex.report.table import metrics_table, print_table
 
-    result = run_demo(out_dir, DemoConfig(seed=seed, progress=not quiet))
+    result = run_demo(out_dir, DemoConfig(seed=seed, progress=not quiet), overwrite=force)
     out.print(f"poisoned model: clean test accuracy {result.clean_accuracy:.3f}, "
               f"attack success rate {result.attack_success_rate:.3f}")
     for name, s in result.attacks.items():
@@ -60,8 +62,7 @@ def train(
     from malex.models import save_model
     from malex.models.train import TrainConfig
 
-    if output.exists() and not force:
-        raise FileExistsError(f"{output} exists; pass --force to replace it")
+    check_output(output, overwrite=force)
     dataset = load_dataset(data, seed=seed)
     c, h, w = dataset.image_shape
     cifar = dataset.name == "cifar10"  # natural images: mirrored copies are valid training inputs
@@ -140,8 +141,7 @@ def fit(
     from malex.guard.guard import detectors_from
     from malex.models import load_model
 
-    if output.exists() and not force:
-        raise FileExistsError(f"{output} exists; pass --force to replace it")
+    check_output(output, overwrite=force)
     net, _ = load_model(model)
     x, y, groups = _clean_reference(data, seed, labels, net.input_shape)
     chosen = {"detectors": detectors_from(detectors)} if detectors else {}
@@ -169,8 +169,8 @@ def scan(
 
     if fmt not in ("csv", "jsonl"):
         raise ConfigError(f"unknown format {fmt!r}; expected csv or jsonl")
-    if output is not None and output.exists() and not force:
-        raise FileExistsError(f"{output} exists; pass --force to replace it")
+    if output is not None:
+        check_output(output, overwrite=force, create_folder=False)
     net, _ = load_model(model)
     guard = Guard.load(guard_file, net)
     result = guard.screen(read_images(inputs, net.input_shape))
@@ -268,8 +268,8 @@ def study(
     from malex.report.aggregate import rich_tables, summarise
     from malex.report.table import print_table
 
+    target = check_folder(out_dir or Path("malex-out") / f"study-{config.stem}")
     cfg = load_config(config)
-    target = out_dir or Path("malex-out") / f"study-{config.stem}"
     err = Console(stderr=True)
     log = None if quiet else (lambda msg: err.print(msg, markup=False, highlight=False))
     runner = Study(cfg, target, progress=not quiet, log=log)
@@ -288,19 +288,30 @@ def report(out_dir: Path = typer.Argument(..., help="A study's output folder."))
     """Rebuild a study's tables and HTML report from its output folder (nothing is recomputed)."""
     from malex.evaluate.study.runner import open_study
 
+    check_folder(out_dir, create=False)
     opened = open_study(out_dir)
     files = opened.write_tables()
     files["report"] = opened.build_report()
     out.print("wrote " + ", ".join(str(p) for p in files.values()))
 
 
+def error_line(exc: Exception) -> str:
+    """One line for an expected error: a MalexError's message, or an OS error's file and reason."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"error: {where}{exc.strerror}"
+    return f"error: {' '.join(str(exc).split())}"
+
+
 def main() -> None:
-    """Entry point: run the app; turn expected errors into one line on stderr and exit status 2."""
+    """Entry point: run the app; turn expected errors (malex's own, and the operating system's: a missing,
+    read-only or full disk or folder) into one line on stderr and exit status 2. Other exceptions are bugs
+    and keep their traceback."""
     err = Console(stderr=True)
     try:
         app()
-    except (MalexError, FileExistsError) as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True, style="red")
+    except (MalexError, OSError) as exc:
+        err.print(error_line(exc), markup=False, highlight=False, soft_wrap=True, style="red")
         sys.exit(2)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from malex.atomic import check_folder
 from malex.attacks.adversarial import make_adversarial
 from malex.attacks.backdoor import PoisonConfig, make_trigger, successful_triggered, train_model
 from malex.calibration import DEFAULT_FPR
@@ -24,6 +25,10 @@ from malex.models import save_model
 from malex.models.inference import predict
 from malex.models.train import TrainConfig
 from malex.report.plots import plot_lcr_histograms, plot_roc_curves
+
+MODEL_FILE, RESULTS_FILE, LCR_PLOT, ROC_PLOT = "model.safetensors", "results.json", "lcr_histograms.png", "roc_curves.png"
+#: every file the demo writes in its folder; none is replaced without overwrite (CLI: --force)
+DEMO_FILES = (MODEL_FILE, RESULTS_FILE, LCR_PLOT, ROC_PLOT)
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,22 @@ def _successful(model, attack: str, data: Split, cfg: DemoConfig, **settings) ->
     return result.successful(), result.summary()
 
 
-def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig()) -> DemoResult:
-    """Run the whole pipeline and write results.json, model.safetensors and PNG plots to `out_dir`."""
+def check_demo_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an `out_dir` that cannot be written or (unless `overwrite`) already holds one
+    of the files the demo writes (`DEMO_FILES`)."""
+    out = check_folder(out_dir)
+    taken = [name for name in DEMO_FILES if (out / name).exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(taken)}; pass overwrite=True (CLI: --force) to "
+                              "replace them, or choose another folder")
+    return out
+
+
+def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), overwrite: bool = False) -> DemoResult:
+    """Run the whole pipeline and write results.json, model.safetensors and PNG plots to `out_dir`;
+    refuses a folder already holding any of them unless `overwrite`."""
     start = time.perf_counter()
-    out = Path(out_dir)
+    out = check_demo_folder(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     data = load_digits(config.seed)
 
@@ -100,15 +117,15 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig()) -> DemoResu
     run = run_detectors(detectors, data.val.x[fit_idx], data.val.x[cal_idx], correct.x, malicious,
                         fit_y=data.val.y[fit_idx], fpr=config.fpr, progress=config.progress)
 
-    files = {"model": str(save_model(model, out / "model.safetensors", "digits_cnn", overwrite=True,
+    files = {"model": str(save_model(model, out / MODEL_FILE, "digits_cnn", overwrite=True,
                                      info={"trigger": trigger.describe(), "target": config.target,
                                            "clean_accuracy": clean_acc, "attack_success_rate": asr}))}
     files.update(_plots(out, detectors, run))
     result = DemoResult(clean_acc, asr, {"PGD": pgd_summary, "PGD-stop": pgd_min_summary,
                                                           "CW": cw_summary}, run, files,
                         time.perf_counter() - start)
-    (out / "results.json").write_text(json.dumps(_as_json(result, config, detectors), indent=2))
-    files["results"] = str(out / "results.json")
+    (out / RESULTS_FILE).write_text(json.dumps(_as_json(result, config, detectors), indent=2))
+    files["results"] = str(out / RESULTS_FILE)
     return result
 
 
@@ -123,9 +140,9 @@ def _plots(out: Path, detectors: dict, run: DetectionRun) -> dict[str, str]:
             panels[title], thresholds[title] = kinds, det.lcr_threshold_
     files = {}
     if panels:
-        files["lcr_histograms"] = str(plot_lcr_histograms(panels, out / "lcr_histograms.png", thresholds))
+        files["lcr_histograms"] = str(plot_lcr_histograms(panels, out / LCR_PLOT, thresholds))
     curves = {a: {d: (run.clean_scores[d], s) for d, s in per.items()} for a, per in run.malicious_scores.items()}
-    files["roc_curves"] = str(plot_roc_curves(curves, out / "roc_curves.png"))
+    files["roc_curves"] = str(plot_roc_curves(curves, out / ROC_PLOT))
     return files
 
 
