@@ -15,10 +15,10 @@ from torch import nn
 
 from malex.device import model_device
 from malex.errors import ConfigError
+from malex.models.anatomy import INPUT_SUFFIX
 from malex.models.inference import eval_mode
 from malex.progress import track
 
-INPUT_SUFFIX = ":in"
 
 
 @dataclass

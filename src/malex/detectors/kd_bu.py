@@ -29,7 +29,8 @@ BU = sum over classes of the variance of the softmax outputs across the passes
 in eval mode for the passes (each module's own `training` flag restored afterwards) and forward hooks on
 the `nn.Dropout`/`Dropout1d/2d/3d` modules replace their (identity) eval output by the input times a
 freshly drawn, seeded Bernoulli mask / (1 - p). Weights are never touched. When every dropout module sits
-in `model.head`, only the head is re-run, on its input captured by the probe pass ("head:in"); otherwise
+in the dense head (`model.head`, or the smallest module holding every dense and dropout layer:
+`malex.models.anatomy.find_head`), only the head is re-run, on its input captured by the probe pass; otherwise
 the whole model is re-run on the inputs. Masks come from a generator seeded with `seed` at every call, so
 scores are reproducible for the same inputs in the same order. A model without dropout (or with p = 0
 everywhere, e.g. mnist_cnn) gives no uncertainty: BU is omitted and KD alone is the score (also when
@@ -57,7 +58,8 @@ from malex.detectors.stats import (
 )
 from malex.device import model_device
 from malex.errors import ConfigError, InputError
-from malex.probe import INPUT_SUFFIX, Observation
+from malex.models.anatomy import find_head
+from malex.probe import Observation
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 BANDWIDTH_RULES = ("loo", "median")
@@ -180,10 +182,8 @@ class KDBU(LayerwiseDetector):
         super().__init__(model, config)
         self._layer = check_layers(model, [self.config.layer or penultimate_layer(model)])[0]
         self._dropout = dropout_modules(model)
-        head = getattr(model, "head", None)
-        self._head_only = bool(self._dropout) and isinstance(head, nn.Module) and all(
-            n.startswith("head.") for n, _ in self._dropout
-        )
+        # the smallest module holding every dense and dropout layer: re-run alone on its captured input
+        self._head = find_head(model, also=tuple(n for n, _ in self._dropout)) if self._dropout else None
 
     @property
     def has_dropout(self) -> bool:
@@ -195,8 +195,8 @@ class KDBU(LayerwiseDetector):
 
     def layers(self) -> list[str]:
         out = [getattr(self, "layer_", self._layer)]
-        if self._bu_enabled() and self._head_only:
-            out.append("head" + INPUT_SUFFIX)
+        if self._bu_enabled() and self._head is not None:
+            out.append(self._head.input_layer)
         return list(dict.fromkeys(out))
 
     @property
@@ -253,8 +253,8 @@ class KDBU(LayerwiseDetector):
         return torch.cat(out).numpy() if out else np.empty(0)
 
     def _bu(self, obs: Observation) -> np.ndarray:
-        module = self.model.head if self._head_only else self.model
-        inputs = obs.layer("head" + INPUT_SUFFIX) if self._head_only else obs.x
+        module = self.model if self._head is None else self._head.module
+        inputs = obs.x if self._head is None else obs.layer(self._head.input_layer)
         t = self.config.mc_samples
         device = model_device(self.model)
         gen = torch.Generator()

@@ -19,6 +19,7 @@ mean clean LCR reaches that target.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -30,6 +31,7 @@ from torch.func import functional_call, vmap
 from malex.detectors.base import ADVERSARIAL, BACKDOOR, Detector
 from malex.detectors.sprt import SPRT
 from malex.errors import ConfigError
+from malex.models.anatomy import dense_layers, find_head, head_reproduces
 from malex.models.inference import eval_mode
 from malex.probe import INPUT_SUFFIX, Observation
 from malex.progress import counter
@@ -81,20 +83,25 @@ class MutationTest:
 def mutation_target(model: nn.Module) -> tuple[nn.Module, str | None]:
     """The module the mutants replace and the probe layer holding its input (None: the raw input).
 
-    When all dense layers sit inside `model.head`, only the head needs to be re-run.
+    When a submodule holds every dense layer (`model.head`, a foreign model's `fc` or `classifier`: see
+    `malex.models.anatomy.find_head`), only it is re-run; `fit` checks that it reproduces the model's labels.
     """
-    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not dense:
+    if not dense_layers(model):
         raise ConfigError("the model has no dense (nn.Linear) layers to mutate")
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Module) and all(n.startswith("head.") for n in dense):
-        return head, "head" + INPUT_SUFFIX
-    return model, None
+    head = find_head(model)
+    return (model, None) if head is None else (head.module, head.input_layer)
+
+
+def _weight_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
 
 
 def stackable_head(module: nn.Module) -> bool:
     """Is `module` a sequence of layers whose mutants `ModelMutation` can run as batched matrix products
-    (in eval mode): flatten/identity, then only dense, ReLU, dropout and identity layers?"""
+    (in eval mode): a single dense layer, or flatten/identity, then only dense, ReLU, dropout and identity
+    layers?"""
+    if isinstance(module, nn.Linear):
+        return True
     if not isinstance(module, nn.Sequential):
         return False
     children = list(module.children())
@@ -115,7 +122,7 @@ class GaussianFuzzer:
         self.strength = strength
         self.seed = seed
         self.weights = {
-            f"{n}.weight": m.weight.detach() for n, m in module.named_modules() if isinstance(m, nn.Linear)
+            _weight_name(n): m.weight.detach() for n, m in module.named_modules() if isinstance(m, nn.Linear)
         }
         self.stats = {k: (float(w.mean()), float(w.max()) * strength) for k, w in self.weights.items()}
         self.bytes_per_mutant = sum(w.numel() * w.element_size() for w in self.weights.values())
@@ -159,9 +166,24 @@ class ModelMutation(Detector):
 
     def __init__(self, model: nn.Module, config: MutationConfig | None = None) -> None:
         super().__init__(model, config)
-        self.module, self.input_layer = mutation_target(model)
-        self._stackable = stackable_head(self.module)  # else: vmap over functional_call
+        self._target(*mutation_target(model))
         self.fuzzer = self._fuzzer(self.config.strength)
+
+    def _target(self, module: nn.Module, input_layer: str | None) -> None:
+        self.module, self.input_layer = module, input_layer
+        self._stackable = stackable_head(module)  # else: vmap over functional_call
+
+    def _check_head(self, clean: Observation) -> None:
+        """Fall back to re-running the whole model (with a warning) when re-running the head on its captured
+        input does not give the model's own labels of the clean inputs."""
+        if self.input_layer is None or head_reproduces(self.module, clean.layer(self.input_layer), clean.pred):
+            return
+        warnings.warn(f"{self.name}: re-running {self.input_layer[:-len(INPUT_SUFFIX)]!r} on its input does not "
+                      "reproduce the model's labels, so every mutant re-runs the whole model (about "
+                      f"{self.config.max_mutants} forward passes per input at most instead of head passes)",
+                      stacklevel=3)
+        self._target(self.model, None)
+        self.fuzzer = self._fuzzer(self.strength)
 
     def _fuzzer(self, strength: float) -> GaussianFuzzer:
         return GaussianFuzzer(self.module, strength, self.config.seed, int(self.config.cache_mb * 2**20))
@@ -203,9 +225,10 @@ class ModelMutation(Detector):
         """(M, N) labels of M mutants of a plain sequential head, as batched matrix products (the same
         arithmetic as `vmap` over `functional_call`, without its per-call dispatch)."""
         h = xb
-        for name, child in self.module.named_children():
+        layers = [("", self.module)] if isinstance(self.module, nn.Linear) else self.module.named_children()
+        for name, child in layers:
             if isinstance(child, nn.Linear):
-                w = params.get(f"{name}.weight", child.weight)
+                w = params.get(_weight_name(name), child.weight)
                 h = torch.matmul(h, w.transpose(-1, -2))
                 if child.bias is not None:
                     h = h + child.bias
@@ -248,6 +271,8 @@ class ModelMutation(Detector):
         return MutationTest(lcr=lcr, n_mutants=used.astype(np.int64), decision=decision)
 
     def _after_restore(self) -> None:
+        if getattr(self, "whole_model_", False) and self.input_layer is not None:
+            self._target(self.model, None)
         self._set_strength(self.strength_)
 
     def sprt(self) -> SPRT:
@@ -271,6 +296,8 @@ class ModelMutation(Detector):
 
     def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "ModelMutation":
         """Calibrate the strength (if asked) and the LCR threshold at the clean `lcr_tail` quantile."""
+        self._check_head(clean)
+        self.whole_model_ = self.input_layer is None
         if self.config.target_clean_lcr is not None:
             self._search_strength(clean, self.config.target_clean_lcr)
         self.strength_ = self.strength

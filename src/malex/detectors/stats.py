@@ -30,6 +30,7 @@ from torch import nn
 
 from malex.detectors.base import Detector
 from malex.errors import ConfigError, InputError
+from malex.models.anatomy import penultimate_input
 from malex.probe import INPUT_SUFFIX, Observation, default_layers
 
 COMBINE_RULES = ("mean", "max")
@@ -70,7 +71,11 @@ def check_layers(model: nn.Module, names: Iterable[str]) -> list[str]:
 
 
 def penultimate_layer(model: nn.Module) -> str:
-    """The last hidden layer among the model's probe layers: the one before the logits layer."""
+    """The last hidden layer: among a malex model's declared probe layers, the one before the logits layer; for
+    a model that declares none, the features its last dense layer reads (its input: e.g. the pooled features of
+    a global-pool head, past the last block's normalisation, skip connection and activation)."""
+    if not getattr(model, "probe_layers", None) and (features := penultimate_input(model)) is not None:
+        return features
     layers = default_layers(model)
     if not layers:
         raise ConfigError("the model declares no probe layers and has no Conv2d/Linear modules")
