@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,10 +41,14 @@ def check_output(path: str | Path, *, overwrite: bool = False, create_folder: bo
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a hidden temporary file in the same folder and a rename, so a reader
-    (or an interrupted run) sees the old file or the new one, never a part."""
+    (or an interrupted run) sees the old file or the new one, never a part. A temporary file left by a killed
+    save is removed first, with a warning naming it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
+    if tmp.is_file() or tmp.is_symlink():
+        tmp.unlink()
+        warnings.warn(f"removed {tmp}, left by an interrupted save of {path}", UserWarning, stacklevel=2)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
