@@ -28,9 +28,12 @@ from malex.guard.fingerprint import model_fingerprint
 from malex.guard.guard import in_sample_guard_scores
 from malex.models.inference import predict
 from malex.serve.batcher import MicroBatcher
+from malex.serve.access import AccessMiddleware
 from malex.serve.config import ServeConfig
-from malex.serve.decode import CONTENT_TYPES, check_content_type, decode_inputs, read_body
-from malex.serve.errors import HTTP_CODES, ServiceError
+from malex.serve.decode import decode_inputs, read_body
+from malex.serve.errors import HTTP_CODES, ClientAborted, ServiceError, error_document
+from malex.serve.limits import body_limits
+from malex.serve.media import CONTENT_TYPES, check_content_type
 from malex.serve.metrics import MetricsMiddleware, ServeMetrics
 from malex.serve.schemas import (
     ErrorResponse,
@@ -48,6 +51,9 @@ log = logging.getLogger("malex.serve")
 
 #: bodies larger than this are decoded in a worker thread, off the event loop
 _DECODE_INLINE_BYTES = 256 * 1024
+
+#: the error statuses of /v1/screen and /v1/predict in the OpenAPI schema
+_REQUEST_ERRORS = (400, 401, 408, 413, 415, 422, 503)
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
@@ -80,8 +86,11 @@ def _inputs_body(shape: tuple[int, int, int]) -> dict:
 
 
 def _errors(*statuses: int) -> dict:
-    descriptions = {400: "The body cannot be read (corrupt .npy, image or JSON; empty body)",
-                    413: "Too large: body bytes, inputs in one request, or image pixels",
+    descriptions = {400: "The body cannot be read (corrupt .npy, image or JSON; empty body), or a Host header "
+                         "the service does not answer for",
+                    401: "No API key, or a wrong one (when the service requires one)",
+                    408: "The body did not arrive within the request-read timeout",
+                    413: "Too large: body bytes, JSON elements, inputs in one request, or image pixels",
                     415: "A content type the service does not read",
                     422: "Readable inputs of the wrong shape, dtype or values, or a bad query parameter",
                     503: "Too many inputs waiting; retry after the Retry-After seconds"}
@@ -100,7 +109,7 @@ def _take(s: Screening, start: int, stop: int) -> Screening:
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"status": status, "code": code, "message": message}, status_code=status, headers=headers)
+    return JSONResponse(error_document(status, code, message), status_code=status, headers=headers)
 
 
 def _calibration_fpr(guard: Guard) -> float:
@@ -108,7 +117,7 @@ def _calibration_fpr(guard: Guard) -> float:
     return float(guard.threshold_.flags(in_sample_guard_scores(guard.calibration_scores_)).mean())
 
 
-def _info(guard: Guard, config: ServeConfig, description: dict | None) -> InfoResponse:
+def _info(guard: Guard, config: ServeConfig, description: dict | None, limits: dict[str, int]) -> InfoResponse:
     described = guard.describe()  # raises NotFittedError for an unfitted guard
     desc = description or {}
     return InfoResponse(
@@ -118,7 +127,7 @@ def _info(guard: Guard, config: ServeConfig, description: dict | None) -> InfoRe
         guard=GuardInfo(detectors=described["detectors"], fpr=described["fpr"], threshold=described["threshold"],
                         calibration_fpr=_calibration_fpr(guard), n_calibration=described["n_calibration"]),
         serve=ServeInfo(protect=config.protect, predict_endpoint=config.predict_endpoint, max_batch=config.max_batch,
-                        max_wait_ms=config.max_wait_ms, max_body_bytes=config.max_body_bytes,
+                        max_wait_ms=config.max_wait_ms, max_body_bytes=max(limits.values()), body_limits=limits,
                         max_queue=config.max_queue, content_types=list(CONTENT_TYPES)),
     )
 
@@ -133,8 +142,9 @@ def create_app(guard: Guard, config: ServeConfig | None = None, description: dic
     config = config or ServeConfig()
     if guard.input_shape is None or len(guard.input_shape) != 3:
         raise ConfigError("the guarded model has no (C, H, W) `input_shape`; the service needs it to read inputs")
-    info = _info(guard, config, description)
     shape = tuple(int(s) for s in guard.input_shape)
+    limits = body_limits(shape, config.max_batch, config.max_body_bytes)
+    info = _info(guard, config, description, limits)
     metrics = ServeMetrics()
     batchers: dict[str, MicroBatcher] = {
         "screen": MicroBatcher(guard.screen, _take, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
@@ -160,17 +170,24 @@ def create_app(guard: Guard, config: ServeConfig | None = None, description: dic
             executor.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="malex", version=__version__, lifespan=lifespan,
+                  docs_url="/docs" if config.docs else None, redoc_url="/redoc" if config.docs else None,
                   description="Answers for an image classifier and screens every input for adversarial and "
                               "backdoor examples. Errors are JSON: `{status, code, message}`.")
     app.state.guard = guard
     app.state.config = config
     app.state.metrics = metrics
     app.state.batchers = batchers
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(AccessMiddleware, config=config)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, so refusals are counted too
 
     @app.exception_handler(ServiceError)
-    async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message, {"Retry-After": "1"} if exc.status == 503 else None)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, ClientAborted):  # one line, no traceback; the answer goes nowhere
+            client = request.client
+            log.warning("client %s closed the connection during %s %s: %s", client.host if client else "?",
+                     request.method, request.url.path, exc.message)
+        headers = {503: {"Retry-After": "1"}, 408: {"Connection": "close"}}.get(exc.status)  # 408: body half-read
+        return _error(exc.status, exc.code, exc.message, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -188,15 +205,15 @@ def create_app(guard: Guard, config: ServeConfig | None = None, description: dic
 
     async def inputs_of(request: Request) -> torch.Tensor:
         content_type = request.headers.get("content-type")
-        check_content_type(content_type)
-        body = await read_body(request, config.max_body_bytes)
+        kind = check_content_type(content_type)
+        body = await read_body(request, limits[kind], config.request_read_s)
         args = (body, content_type, shape)
         kwargs = {"max_batch": config.max_batch, "max_image_pixels": config.max_image_pixels}
         if len(body) > _DECODE_INLINE_BYTES:
             return await asyncio.to_thread(decode_inputs, *args, **kwargs)
         return decode_inputs(*args, **kwargs)
 
-    @app.post("/v1/screen", response_model=ScreenResponse, responses=_errors(400, 413, 415, 422, 503),
+    @app.post("/v1/screen", response_model=ScreenResponse, responses=_errors(*_REQUEST_ERRORS),
               openapi_extra=_inputs_body(shape), summary="Screen inputs: prediction, verdict and detector scores")
     async def screen(request: Request, protect: bool = Query(
             False, description="Withhold the predictions of flagged inputs. A server started with --protect "
@@ -223,7 +240,7 @@ def create_app(guard: Guard, config: ServeConfig | None = None, description: dic
         return {"protect": withhold, "threshold": info.guard.threshold, "results": rows}
 
     if config.predict_endpoint:
-        @app.post("/v1/predict", response_model=PredictResponse, responses=_errors(400, 413, 415, 422, 503),
+        @app.post("/v1/predict", response_model=PredictResponse, responses=_errors(*_REQUEST_ERRORS),
                   openapi_extra=_inputs_body(shape),
                   summary="The plain model's predictions, unscreened (for comparison)")
         async def predict_endpoint(request: Request) -> dict:

@@ -1,12 +1,14 @@
 """Request bodies to validated input tensors: .npy bytes, PNG/JPEG images, or JSON arrays.
 
 Every refusal is a `RequestError` with the HTTP status to answer: 400 for a body that cannot be read
-(corrupt .npy, image or JSON), 413 for too much (too many inputs, too many pixels), 415 for a content
-type the service does not read, 422 for readable inputs of the wrong shape, dtype or values.
+(corrupt .npy, image or JSON), 408 for a body that does not arrive in time, 413 for too much (bytes,
+inputs, JSON elements, pixels), 415 for a content type the service does not read, 422 for readable
+inputs of the wrong shape, dtype or values. A client that leaves mid-upload is `ClientAborted`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -14,26 +16,18 @@ import math
 import numpy as np
 import torch
 
-from malex.data.validate import to_nchw_float
+from malex.data.validate import IMAGE_DTYPES, to_nchw_float
 from malex.errors import InputError
-from malex.serve.errors import RequestError
+from malex.serve.errors import ClientAborted, RequestError
+from malex.serve.limits import json_element_limits
+from malex.serve.media import IMAGE_TYPES, NPY_TYPES, check_content_type
 
-NPY_TYPES = ("application/x-npy", "application/octet-stream")
-IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}
-JSON_TYPE = "application/json"
-#: every content type a screening or prediction request may carry
-CONTENT_TYPES = (*NPY_TYPES, *IMAGE_TYPES, JSON_TYPE)
 JSON_DTYPES = ("float32", "uint8")
 MAX_JSON_DEPTH = 4
 #: PIL image modes with 8 bits per channel, converted to the model's grey or RGB layout
 _EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa")
 
 _SHAPES = "one image (C, H, W), (H, W, C) or (H, W), or a batch (N, C, H, W), (N, H, W, C) or (N, H, W)"
-
-
-def media_type(header: str | None) -> str:
-    """The media type of a Content-Type header, without parameters, lower case ('' when absent)."""
-    return (header or "").split(";", 1)[0].strip().lower()
 
 
 def decode_inputs(body: bytes, content_type: str | None, shape: tuple[int, int, int], *, max_batch: int,
@@ -47,7 +41,7 @@ def decode_inputs(body: bytes, content_type: str | None, shape: tuple[int, int, 
     elif kind in IMAGE_TYPES:
         array = read_image(body, IMAGE_TYPES[kind], shape, max_image_pixels)
     else:
-        array = read_json(body)
+        array = read_json(body, shape, max_batch)
     return to_batch(array, shape, max_batch)
 
 
@@ -67,9 +61,10 @@ def read_npy(body: bytes) -> np.ndarray:
             raise ValueError(f"format version {version[0]}.{version[1]}; expected 1.0 or 2.0")
     except Exception as exc:  # a corrupt header raises many kinds of errors inside NumPy
         raise RequestError(400, "corrupt_npy", f"the .npy header is unreadable ({exc})") from exc
-    if dtype.hasobject or dtype.itemsize == 0:
-        raise RequestError(422, "invalid_dtype", f"the .npy array has dtype {dtype}; expected uint8 (0..255) "
-                           "or float in [0, 1]")
+    if (dtype.newbyteorder("=") if dtype.byteorder in "<>" else dtype) not in IMAGE_DTYPES:
+        accepted = ", ".join(str(d) for d in IMAGE_DTYPES)
+        raise RequestError(422, "invalid_dtype", f"the .npy array has dtype {dtype}, which the service does not "
+                           f"read; expected one of {accepted} (uint8 0..255, floats in [0, 1])")
     need = math.prod(dims) * dtype.itemsize
     data = body[fp.tell():]
     if len(data) != need:
@@ -131,8 +126,24 @@ def _check_numbers(inputs: list) -> None:
                                    f"({str(item)[:40]!r}); expected only numbers in nested arrays")
 
 
-def read_json(body: bytes) -> np.ndarray:
-    """An array from a JSON body: nested arrays of numbers, or {"inputs": [...], "dtype": "float32"|"uint8"}."""
+def _check_element_counts(body: bytes, shape: tuple[int, int, int], max_batch: int) -> None:
+    """Refuse a JSON body that opens more arrays or separates more values than `max_batch` inputs of `shape`
+    can hold, from a byte count alone (C speed, before any parsing: `[[],[],...]` costs no Python objects)."""
+    numbers, arrays = json_element_limits(shape, max_batch)
+    opened = body.count(b"[")
+    if opened > arrays:
+        raise RequestError(413, "too_many_elements", f"the JSON body opens {opened} arrays; {max_batch} inputs "
+                           f"of shape {shape} (the most one request may hold) need at most {arrays}")
+    commas = body.count(b",")
+    if commas > numbers + arrays + 1:
+        raise RequestError(413, "too_many_elements", f"the JSON body separates {commas + 1} values; {max_batch} "
+                           f"inputs of shape {shape} hold at most {numbers} numbers in {arrays} arrays")
+
+
+def read_json(body: bytes, shape: tuple[int, int, int], max_batch: int) -> np.ndarray:
+    """An array from a JSON body: nested arrays of numbers, or {"inputs": [...], "dtype": "float32"|"uint8"}.
+    A body with more elements than `max_batch` inputs of `shape` hold is refused before it is parsed."""
+    _check_element_counts(body, shape, max_batch)
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -186,26 +197,33 @@ def to_batch(array: np.ndarray, shape: tuple[int, int, int], max_batch: int) -> 
         raise RequestError(422, "invalid_input", str(exc)) from exc
 
 
-def check_content_type(header: str | None) -> str:
-    """The request's media type, or a 415 when the service does not read it."""
-    kind = media_type(header)
-    if kind not in CONTENT_TYPES:
-        raise RequestError(415, "unsupported_media_type", f"content type {kind or '(none)'!r} is not accepted; "
-                           f"expected one of {', '.join(CONTENT_TYPES)}")
-    return kind
+async def read_body(request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body of a Starlette `request`, refused with a 413 as soon as it exceeds `max_bytes`, with a 408
+    when it has not all arrived within `timeout_s`; a client that disconnects meanwhile is `ClientAborted`."""
+    from starlette.requests import ClientDisconnect
 
-
-async def read_body(request, max_bytes: int) -> bytes:
-    """The body of a Starlette `request`, refused with a 413 as soon as it exceeds `max_bytes`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
         raise RequestError(413, "body_too_large", f"the body has {int(declared)} bytes; at most {max_bytes} "
                            "are accepted")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestError(413, "body_too_large", f"the body exceeds {max_bytes} bytes; at most {max_bytes} "
-                               "are accepted")
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise RequestError(413, "body_too_large", f"the body exceeds {max_bytes} bytes; at most "
+                                   f"{max_bytes} are accepted")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except ClientDisconnect as exc:
+        raise ClientAborted(f"the client closed the connection after sending {sum(map(len, chunks))} bytes "
+                            f"of its body ({declared or 'unknown'} declared)") from exc
+    except (asyncio.TimeoutError, TimeoutError) as exc:
+        raise RequestError(408, "request_timeout", f"the body did not arrive within {timeout_s:g} s "
+                           f"({sum(map(len, chunks))} of {declared or 'unknown'} bytes came); expected the whole "
+                           "request within the service's request-read timeout") from exc
     return b"".join(chunks)

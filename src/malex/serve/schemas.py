@@ -56,8 +56,9 @@ class ErrorResponse(BaseModel):
     status: int = Field(description="The HTTP status, repeated")
     code: str = Field(description="A stable name: corrupt_npy, corrupt_image, invalid_json, invalid_shape, "
                       "invalid_dtype, invalid_input, empty_body, body_too_large, batch_too_large, "
-                      "image_too_large, unsupported_media_type, invalid_parameter, not_found, "
-                      "method_not_allowed, overloaded, internal_error")
+                      "image_too_large, too_many_elements, request_timeout, unsupported_media_type, "
+                      "invalid_parameter, invalid_host, unauthorized, bad_request, not_found, "
+                      "method_not_allowed, overloaded, too_many_connections, internal_error")
     message: str
 
 
@@ -112,7 +113,8 @@ class ServeInfo(BaseModel):
     predict_endpoint: bool
     max_batch: int
     max_wait_ms: float
-    max_body_bytes: int
+    max_body_bytes: int = Field(description="Largest body of any content type")
+    body_limits: dict[str, int] = Field(description="Largest body per content type")
     max_queue: int
     content_types: list[str]
 

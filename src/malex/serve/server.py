@@ -10,6 +10,8 @@ from typing import Callable
 import uvicorn
 
 from malex.errors import ConfigError
+from malex.serve.config import ServeConfig
+from malex.serve.protocol import LimitedH11Protocol
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -30,25 +32,32 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+def uvicorn_config(app, log_level: str) -> uvicorn.Config:
+    """uvicorn's settings for an app of `create_app`: its timeouts, connection cap and shutdown grace."""
+    config: ServeConfig = app.state.config
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=config.keep_alive_s,
+                          timeout_graceful_shutdown=config.shutdown_grace_s,
+                          http=LimitedH11Protocol.factory(config.request_read_s, config.max_connections))
+
+
+def run_server(app, port: int = 8000, log_level: str = "info",
                announce: Callable[[str], None] | None = None) -> None:
-    """Serve `app` on host:port until interrupted; a port that cannot be bound is a ConfigError.
-    `announce(url)` is called once the port is bound."""
+    """Serve `app` on its config's host, at `port`, until SIGINT or SIGTERM (which answer the requests already
+    received first); a port that cannot be bound is a ConfigError. `announce(url)` is called once bound."""
+    host = app.state.config.host
     sock = _bind(host, port)
     if announce is not None:
         announce(f"http://{host}:{sock.getsockname()[1]}")
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10))
-    server.run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])
 
 
 class BackgroundServer:
-    """`with BackgroundServer(app) as server:` serves `app` on a free loopback port at `server.url`."""
+    """`with BackgroundServer(app) as server:` serves `app` on a free port of its config's host (loopback by
+    default) at `server.url`."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 start_timeout: float = 30.0) -> None:
-        self.app, self.host, self.port, self.start_timeout = app, host, port, start_timeout
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
-                                                     timeout_graceful_shutdown=5))
+    def __init__(self, app, port: int = 0, log_level: str = "warning", start_timeout: float = 30.0) -> None:
+        self.app, self.host, self.port, self.start_timeout = app, app.state.config.host, port, start_timeout
+        self._server = uvicorn.Server(uvicorn_config(app, log_level))
         self._thread: threading.Thread | None = None
 
     @property
