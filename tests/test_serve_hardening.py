@@ -366,3 +366,21 @@ def test_sigterm_answers_queued_requests_before_exit(files):
             proc.wait()
     assert answers == [200] * 4
     assert code in (0, -signal.SIGTERM)  # uvicorn ends by re-raising the signal it drained on
+
+
+def test_cli_serve_refuses_a_public_host_without_a_key(files, monkeypatch, capsys, tmp_path):
+    from malex.cli import main
+
+    def run(*args) -> tuple[int, list[str]]:
+        monkeypatch.setattr(sys, "argv", ["malex", "serve", str(files["guard"]), "--model", str(files["model"]),
+                                          *map(str, args)])
+        with pytest.raises(SystemExit) as info:
+            main()
+        return info.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+    code, lines = run("--host", "0.0.0.0")
+    assert code == 2 and len(lines) == 1 and "--api-key-file" in lines[0] and "--allow-unauthenticated" in lines[0]
+    code, lines = run("--host", "0.0.0.0", "--api-key-file", tmp_path / "missing")
+    assert code == 2 and len(lines) == 1 and "cannot read the API key file" in lines[0]
+    code, lines = run("--open-endpoint", "/v1/screen")
+    assert code == 2 and len(lines) == 1 and "open_endpoints" in lines[0]

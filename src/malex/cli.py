@@ -222,8 +222,24 @@ def serve(
         help="Also serve POST /v1/predict (unscreened predictions); default: on, off with --protect."),
     max_batch: int = typer.Option(64, "--max-batch", help="Most inputs per request and per forward pass."),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="Longest wait for requests to batch together."),
-    max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes", help="Largest request body."),
+    max_body_bytes: Optional[int] = typer.Option(
+        None, "--max-body-bytes", help="Largest request body; default: what --max-batch inputs need per content type."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Most inputs waiting; more are answered 503."),
+    api_key_file: Optional[Path] = typer.Option(
+        None, "--api-key-file", help="A file holding the API key every request must carry (Bearer or X-API-Key)."),
+    allow_unauthenticated: bool = typer.Option(
+        False, "--allow-unauthenticated", help="Serve a non-loopback --host without an API key (not recommended)."),
+    open_endpoints: Optional[list[str]] = typer.Option(
+        None, "--open-endpoint", help="An endpoint served without the key: /healthz (default), /metrics; repeatable."),
+    allowed_hosts: Optional[list[str]] = typer.Option(
+        None, "--allowed-host", help="A Host header name to answer for (repeatable; '*': any); loopback names always."),
+    docs: bool = typer.Option(False, "--docs", help="Serve /docs and /redoc (the browser loads them from a CDN)."),
+    keep_alive_s: float = typer.Option(5.0, "--keep-alive-s", help="Seconds an idle keep-alive connection stays."),
+    request_read_s: float = typer.Option(30.0, "--request-read-s",
+                                         help="Seconds a request's head, and its body, may take to arrive."),
+    max_connections: int = typer.Option(256, "--max-connections", help="Most open connections; more get a 503."),
+    shutdown_grace_s: float = typer.Option(10.0, "--shutdown-grace-s",
+                                           help="On SIGTERM, seconds to answer requests already received."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve the model over HTTP and screen every input (needs the `serve` extra)."""
@@ -239,12 +255,19 @@ def serve(
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}; expected 0..65535")
-    config = ServeConfig(protect=protect, predict_endpoint=predict_endpoint, max_batch=max_batch,
-                         max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_queue=max_queue)
+    from malex.serve.access import read_api_key
+
+    config = ServeConfig(
+        protect=protect, predict_endpoint=predict_endpoint, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        max_body_bytes=max_body_bytes, max_queue=max_queue, host=host,
+        api_key=read_api_key(api_key_file) if api_key_file is not None else None,
+        allow_unauthenticated=allow_unauthenticated, open_endpoints=tuple(open_endpoints or ("/healthz",)),
+        allowed_hosts=tuple(allowed_hosts) if allowed_hosts else None, docs=docs, keep_alive_s=keep_alive_s,
+        request_read_s=request_read_s, max_connections=max_connections, shutdown_grace_s=shutdown_grace_s)
     net, description = load_model(model)
     guard = Guard.load(guard_file, net)
     what = f"{description.get('arch')} guarded by {', '.join(guard.detectors)} (protect {'on' if protect else 'off'})"
-    run_server(create_app(guard, config, description), host=host, port=port, log_level=log_level,
+    run_server(create_app(guard, config, description), port=port, log_level=log_level,
                announce=lambda url: Console(stderr=True).print(f"serving {what} on {url}", highlight=False))
 
 
