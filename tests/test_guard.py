@@ -242,3 +242,150 @@ def test_groups_are_never_split_between_fit_and_calibration(setup, monkeypatch):
     assert len(fit_ids) <= 60 and len(fit_ids) + guard.describe()["n_calibration"] == n
     in_fit = groups[fit_ids].unique()
     assert int(torch.isin(groups, in_fit).sum()) == len(fit_ids)  # whole groups only
+
+
+# ------------------------------------- guard files edited with their digest recomputed; keyed signatures
+
+
+def _edited(src, dst, header_edit=None, tensor_edit=None, keep_signature=False):
+    """A copy of the guard file `src` at `dst` with its header and/or tensors edited and its digest recomputed,
+    as someone who read malex's source could do."""
+    from malex.guard.io import _digest
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["malex"])
+    if header_edit:
+        header_edit(header)
+    if tensor_edit:
+        tensor_edit(tensors)
+    new = {"malex": json.dumps(header), "digest": _digest(header, tensors)}
+    if keep_signature:
+        new["signature"] = meta["signature"]
+    save_file(tensors, str(dst), metadata=new)
+    return dst
+
+
+def _set(*keys_value):
+    *keys, value = keys_value
+
+    def edit(header):
+        node = header
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return edit
+
+
+def _refused_in_one_line(path, model, *needles, key=None):
+    with pytest.raises(ModelFileError) as info:
+        Guard.load(path, model, key=key)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(str(path)), msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def saved(setup, tmp_path_factory):
+    return setup["guard"].save(tmp_path_factory.mktemp("guard") / "g.safetensors")
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (_set("config", "batch_size", 0), ["batch_size", "0", "expected an int >= 1"]),
+    (_set("config", "batch_size", "256"), ["batch_size", "expected an int >= 1"]),
+    (_set("config", "fpr", 1.5), ["fpr", "expected a number in [0, 1)"]),
+    (_set("threshold", "fpr", -0.1), ["threshold", "expected a number in [0, 1)"]),
+    (_set("threshold", "value", "high"), ["threshold value", "expected a finite number"]),
+    (_set("config", "calibration_fraction", 2.0), ["calibration_fraction"]),
+    (_set("config", "max_fit", 3), ["max_fit"]),
+    (_set("config", "seed", -1), ["seed", "expected an int >= 0"]),
+    (_set("config", "detectors", ["mahalanobis", "no_such_detector"]), ["no_such_detector"]),
+    (_set("config", "settings", {"kd_bu": {"bogus": 1}}), ["bogus"]),
+    (_set("config", "extra_field", 1), ["extra_field"]),
+    (_set("model_fingerprint", 7), ["model_fingerprint"]),
+    (_set("detectors", "kd_bu", "kinds", {"nothing_": "tensor"}), ["kd_bu"]),
+])
+def test_edited_header_with_recomputed_digest_refused_in_one_line(setup, saved, tmp_path, edit, needles):
+    # batch size 0 loaded and ended in a traceback when screening
+    path = _edited(saved, tmp_path / "edited.safetensors", header_edit=edit)
+    _refused_in_one_line(path, setup["model"], *needles)
+
+
+def _reshape_first_matrix(name):
+    def edit(tensors):
+        key = next(k for k, v in tensors.items() if k.startswith(f"det/{name}/") and v.ndim == 2)
+        tensors[key] = tensors[key][:, :-1].contiguous()
+    return edit
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (_reshape_first_matrix("mahalanobis"), ["mahalanobis"]),
+    (_reshape_first_matrix("kd_bu"), ["kd_bu"]),
+    (lambda t: t.update({"cal/kd_bu": t["cal/kd_bu"][:-1].clone()}), ["cal/kd_bu", "calibration scores"]),
+    (lambda t: t.update({"cal/kd_bu": t["cal/kd_bu"].float()}), ["cal/kd_bu", "float64"]),
+    (lambda t: t.update({"cal/kd_bu": t["cal/kd_bu"][:, None].clone()}), ["cal/kd_bu", "1-D"]),
+    (lambda t: t["cal/mahalanobis"].__setitem__(0, float("nan")), ["cal/mahalanobis", "finite"]),
+    (lambda t: t.pop("cal/mahalanobis"), ["cal/mahalanobis"]),
+])
+def test_edited_tensors_with_recomputed_digest_refused_in_one_line(setup, saved, tmp_path, edit, needles):
+    # a wrong-shape tensor loaded and ended in a traceback from inside a detector when screening
+    path = _edited(saved, tmp_path / "edited.safetensors", tensor_edit=edit)
+    _refused_in_one_line(path, setup["model"], *needles)
+
+
+def test_signed_guard_round_trip_and_refusals(setup, tmp_path):
+    key = b"a deployment's secret"
+    signed = setup["guard"].save(tmp_path / "signed.safetensors", key=key)
+    with safe_open(str(signed), framework="pt") as f:
+        assert set(f.metadata()) == {"malex", "digest", "signature"}
+    loaded = Guard.load(signed, setup["model"], key=key)
+    np.testing.assert_array_equal(loaded.screen(setup["clean"][:5]).guard_score,
+                                  setup["guard"].screen(setup["clean"][:5]).guard_score)
+    Guard.load(signed, setup["model"])  # without a key, the signature is not asked for
+
+    unsigned = setup["guard"].save(tmp_path / "unsigned.safetensors")
+    _refused_in_one_line(unsigned, setup["model"], "not signed", key=key)
+    _refused_in_one_line(signed, setup["model"], "signature does not match", key=b"another key")
+    tampered = _edited(signed, tmp_path / "tampered.safetensors", header_edit=_set("config", "fpr", 0.5),
+                       keep_signature=True)
+    _refused_in_one_line(tampered, setup["model"], "signature does not match", key=key)
+
+
+def test_guard_key_from_file_or_environment(tmp_path):
+    from malex.guard.signing import KEY_ENV, guard_key
+
+    (tmp_path / "key").write_bytes(b"from the file\n")
+    (tmp_path / "empty").write_bytes(b"")
+    assert guard_key(None, {}) is None
+    assert guard_key(None, {KEY_ENV: "from the env"}) == b"from the env"
+    assert guard_key(tmp_path / "key", {KEY_ENV: "from the env"}) == b"from the file"
+    for bad, needle in [(tmp_path / "empty", "is empty"), (tmp_path / "missing", "cannot read")]:
+        with pytest.raises(ConfigError, match=needle):
+            guard_key(bad, {})
+    with pytest.raises(ConfigError, match=KEY_ENV):
+        guard_key(None, {KEY_ENV: ""})
+
+
+def test_cli_scan_with_a_key_refuses_an_unsigned_guard_in_one_line(setup, saved, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from malex.cli import main
+    from malex.guard.signing import KEY_ENV
+    from malex.models import save_model
+
+    model = save_model(setup["model"], tmp_path / "m.safetensors", "digits_cnn")
+    np.save(tmp_path / "x.npy", setup["clean"][:3].numpy())
+    (tmp_path / "key").write_bytes(b"k")
+    for env, extra in [({KEY_ENV: "k"}, []), ({}, ["--guard-key-file", str(tmp_path / "key")])]:
+        monkeypatch.delenv(KEY_ENV, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(sys, "argv", ["malex", "scan", str(saved), str(tmp_path / "x.npy"), "--model", str(model),
+                                          *extra])
+        with pytest.raises(SystemExit) as info:
+            main()
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and "\n" not in err and "not signed" in err, err

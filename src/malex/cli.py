@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,17 @@ from malex.errors import MalexError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Screen an image classifier's inputs for adversarial and backdoor examples.")
 out = Console()
+
+GUARD_KEY_FILE = typer.Option(
+    None, "--guard-key-file", help="A file holding the guard key (default: the MALEX_GUARD_KEY environment "
+    "variable): guards are signed with it on save, and unsigned or foreign guards refused on load.")
+
+
+def _guard_key(key_file: Optional[Path]) -> Optional[bytes]:
+    """The guard key from `key_file` or the environment, read now (None: guards are not signed)."""
+    from malex.guard.signing import guard_key
+
+    return guard_key(key_file, os.environ)
 
 
 @app.command()
@@ -135,6 +147,7 @@ def fit(
     fpr: float = typer.Option(DEFAULT_FPR, help="Target false-positive rate of the whole guard."),
     seed: int = typer.Option(0, help="Seed."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    guard_key_file: Optional[Path] = GUARD_KEY_FILE,
 ) -> None:
     """Fit a guard for MODEL on clean inputs and write it to a guard file."""
     from malex.guard import Guard, GuardConfig
@@ -142,11 +155,12 @@ def fit(
     from malex.models import load_model
 
     check_output(output, overwrite=force)
+    key = _guard_key(guard_key_file)
     net, _ = load_model(model)
     x, y, groups = _clean_reference(data, seed, labels, net.input_shape)
     chosen = {"detectors": detectors_from(detectors)} if detectors else {}
     guard = Guard(net, GuardConfig(**chosen, fpr=fpr, seed=seed)).fit(x, y, groups)
-    guard.save(output, overwrite=force)
+    guard.save(output, overwrite=force, key=key)
     out.print(f"fitted {', '.join(guard.detectors)} on {x.shape[0]} clean inputs; "
               f"guard threshold {guard.threshold_.value:.3f} at {fpr:.0%} FPR; wrote {output}")
 
@@ -159,6 +173,7 @@ def scan(
     fmt: str = typer.Option("csv", "--format", help="csv or jsonl."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write rows here instead of stdout."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    guard_key_file: Optional[Path] = GUARD_KEY_FILE,
 ) -> None:
     """Screen inputs: one row per input with prediction, verdict, guard score and detector scores."""
     from malex.data.inputs import read_images
@@ -171,8 +186,9 @@ def scan(
         raise ConfigError(f"unknown format {fmt!r}; expected csv or jsonl")
     if output is not None:
         check_output(output, overwrite=force, create_folder=False)
+    key = _guard_key(guard_key_file)
     net, _ = load_model(model)
-    guard = Guard.load(guard_file, net)
+    guard = Guard.load(guard_file, net, key=key)
     result = guard.screen(read_images(inputs, net.input_shape))
     if output is None:
         write_rows(result.rows(), sys.stdout, fmt)
@@ -189,6 +205,7 @@ def evaluate(
     model: Path = typer.Option(..., "--model", help="The model file the guard was fitted for."),
     clean: Path = typer.Option(..., help="Clean images (.npy/.npz) the guard has not seen."),
     malicious: list[str] = typer.Option(..., help="NAME=PATH of malicious images; repeat for several sets."),
+    guard_key_file: Optional[Path] = GUARD_KEY_FILE,
 ) -> None:
     """The metrics table (per detector and for the guard) on given clean and malicious sets."""
     from malex.data.inputs import read_images
@@ -198,8 +215,9 @@ def evaluate(
     from malex.models import load_model
     from malex.report.table import metrics_table, print_table
 
+    key = _guard_key(guard_key_file)
     net, _ = load_model(model)
-    guard = Guard.load(guard_file, net)
+    guard = Guard.load(guard_file, net, key=key)
     sets = {}
     for item in malicious:
         name, sep, path = item.partition("=")
@@ -241,6 +259,7 @@ def serve(
     shutdown_grace_s: float = typer.Option(10.0, "--shutdown-grace-s",
                                            help="On SIGTERM, seconds to answer requests already received."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    guard_key_file: Optional[Path] = GUARD_KEY_FILE,
 ) -> None:
     """Serve the model over HTTP and screen every input (needs the `serve` extra)."""
     from malex.errors import ConfigError
@@ -265,7 +284,7 @@ def serve(
         allowed_hosts=tuple(allowed_hosts) if allowed_hosts else None, docs=docs, keep_alive_s=keep_alive_s,
         request_read_s=request_read_s, max_connections=max_connections, shutdown_grace_s=shutdown_grace_s)
     net, description = load_model(model)
-    guard = Guard.load(guard_file, net)
+    guard = Guard.load(guard_file, net, key=_guard_key(guard_key_file))
     what = f"{description.get('arch')} guarded by {', '.join(guard.detectors)} (protect {'on' if protect else 'off'})"
     run_server(create_app(guard, config, description), port=port, log_level=log_level,
                announce=lambda url: Console(stderr=True).print(f"serving {what} on {url}", highlight=False))

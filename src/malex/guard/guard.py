@@ -33,7 +33,7 @@ from malex.detectors import Detector, make_detector
 from malex.detectors.base import ADVERSARIAL, BACKDOOR
 from malex.detectors.fitting import fit_detectors, joint_probe, score_detectors
 from malex.calibration import DEFAULT_FPR, Threshold, calibrate, check_fpr
-from malex.errors import ConfigError, NotFittedError
+from malex.errors import ConfigError, ModelFileError, NotFittedError
 from malex.guard.fingerprint import model_fingerprint
 from malex.guard.io import GuardFile, malformed, read_guard_file, write_guard_file
 from malex.guard.pvalues import in_sample_tail_pvalues, tail_pvalues
@@ -76,6 +76,12 @@ class GuardConfig:
         if self.max_fit is not None and (isinstance(self.max_fit, bool) or not isinstance(self.max_fit, int)
                                          or self.max_fit < 10):
             raise ConfigError(f"max_fit is {self.max_fit!r}; expected None or an int >= 10")
+        for name, least in (("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name} is {value!r}; expected an int >= {least}")
+        if not isinstance(self.settings, dict) or not all(isinstance(v, dict) for v in self.settings.values()):
+            raise ConfigError(f"settings are {self.settings!r}; expected detector name -> dict of settings")
         unknown = set(self.settings) - set(self.detectors)
         if unknown:
             raise ConfigError(f"settings given for detectors not in the guard: {', '.join(sorted(unknown))}")
@@ -232,9 +238,9 @@ class Guard:
         self.check_fitted()
         return self.screen_observation(self.probe.run(self._inputs(x), self.config.batch_size))
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the fitted guard to one safetensors file (no pickle; `malex.guard.io`); refuses to replace an
-        existing file unless `overwrite`."""
+    def save(self, path: str | Path, overwrite: bool = False, key: bytes | None = None) -> Path:
+        """Write the fitted guard to one safetensors file (no pickle; `malex.guard.io`), signed with `key` when
+        one is given (`malex.guard.signing.guard_key`); refuses to replace an existing file unless `overwrite`."""
         self.check_fitted()
         config = asdict(self.config)
         config.pop("progress")
@@ -243,23 +249,42 @@ class Guard:
             detectors={name: det.export() for name, det in self.detectors.items()},
             calibration=self.calibration_scores_,
         )
-        return write_guard_file(path, contents, overwrite=overwrite)
+        return write_guard_file(path, contents, overwrite=overwrite, key=key)
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module) -> "Guard":
-        """Load a guard saved by `save`, in front of `model` (refused if the model differs)."""
+    def load(cls, path: str | Path, model: nn.Module, key: bytes | None = None) -> "Guard":
+        """Load a guard saved by `save`, in front of `model`: refused (`ModelFileError`, one line) if the model
+        differs, if any setting, threshold or detector state is out of range or does not fit the model, or,
+        given a `key`, if the file was not signed with it."""
         path = Path(path)
-        saved = read_guard_file(path, model_fingerprint(model))
+        saved = read_guard_file(path, model_fingerprint(model), key)
         try:
             config = GuardConfig(**{**saved.config, "detectors": tuple(saved.config["detectors"]), "progress": False})
             guard = cls(model, config)
             for name, det in guard.detectors.items():
                 det.restore(*saved.detectors[name])
             guard.calibration_scores_ = dict(saved.calibration)
-            guard.threshold_ = Threshold(**saved.threshold)
-        except (KeyError, TypeError, ConfigError) as exc:
+            guard.threshold_ = _threshold(saved.threshold)
+        except (KeyError, TypeError, ConfigError, ModelFileError, NotFittedError) as exc:
             raise malformed(path, exc) from exc
+        guard._check_restored(path)
         return guard
+
+    def _check_restored(self, path: Path) -> None:
+        """Score one blank input with every restored detector: a state that does not fit the model (a tensor
+        of the wrong shape, a value of the wrong type) is a `ModelFileError` now, not an error when screening."""
+        if self.input_shape is None:
+            return
+        obs = self.probe.run(torch.zeros((1, *self.input_shape)), batch_size=1)
+        for name, det in self.detectors.items():
+            try:
+                scores = np.asarray(det.score(obs), dtype=np.float64)
+            except (RuntimeError, ValueError, IndexError, TypeError, KeyError, AttributeError) as exc:
+                raise ModelFileError(f"{path}: detector {name}'s saved state does not fit the model "
+                                     f"({' '.join(str(exc).split())})") from exc
+            if scores.shape != (1,):
+                raise ModelFileError(f"{path}: detector {name}'s saved state gives scores of shape {scores.shape} "
+                                     "for one input; expected one score per input")
 
     def describe(self) -> dict:
         """Detectors, target FPR and calibration facts, JSON-able."""
@@ -275,6 +300,14 @@ class Guard:
         }
 
 
+def _threshold(saved: dict) -> Threshold:
+    """The saved threshold, checked: a finite value and a target FPR in [0, 1)."""
+    value = saved["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ConfigError(f"threshold value {value!r}; expected a finite number")
+    return Threshold(float(value), check_fpr(saved["fpr"], "threshold fpr"))
+
+
 def detectors_from(names: Sequence[str] | str) -> tuple[str, ...]:
     """Parse 'a,b,c' or a sequence into a tuple of detector names."""
     if isinstance(names, str):
@@ -282,11 +315,11 @@ def detectors_from(names: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def save_guard(guard: Guard, path: str | Path, overwrite: bool = False) -> Path:
-    """`guard.save(path, overwrite)`."""
-    return guard.save(path, overwrite=overwrite)
+def save_guard(guard: Guard, path: str | Path, overwrite: bool = False, key: bytes | None = None) -> Path:
+    """`guard.save(path, overwrite, key)`."""
+    return guard.save(path, overwrite=overwrite, key=key)
 
 
-def load_guard(path: str | Path, model: nn.Module) -> Guard:
-    """`Guard.load(path, model)`."""
-    return Guard.load(path, model)
+def load_guard(path: str | Path, model: nn.Module, key: bytes | None = None) -> Guard:
+    """`Guard.load(path, model, key)`."""
+    return Guard.load(path, model, key=key)

@@ -7,7 +7,10 @@ or truncated file is refused).
 
 Layout: header {"format", "version", "model_fingerprint", "config", "threshold", "detectors": {name:
 exported metadata}}; tensors "det/NAME/KEY" (a detector's exported tensors) and "cal/NAME" (its float64
-calibration scores).
+calibration scores). A guard saved with a key also carries "signature", an HMAC of the same content
+(`malex.guard.signing`); a reader given a key refuses a guard without it or whose signature does not match.
+The reader checks the header's pieces' types and the calibration scores (1-D float64, finite, one length);
+`malex.guard.guard` checks the settings and each detector's state.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from safetensors.torch import load_file
 from malex.atomic import write_safetensors
 from malex.errors import ModelFileError
 from malex.guard.fingerprint import hash_tensors
+from malex.guard.signing import KEY_ENV, signature, signature_matches
 
 FORMAT = "malex-guard"
 FORMAT_VERSION = 1
@@ -43,16 +47,17 @@ class GuardFile:
 
 
 def malformed(path: Path, exc: Exception) -> ModelFileError:
-    """The error for a guard file whose header lacks or mistypes a piece."""
-    return ModelFileError(f"{path}: the guard header is incomplete or malformed ({exc})")
+    """The error for a guard file whose header lacks or mistypes a piece (one line, naming the file)."""
+    return ModelFileError(f"{path}: the guard header is incomplete or malformed ({' '.join(str(exc).split())})")
 
 
 def _digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
     return hash_tensors(hashlib.sha256(json.dumps(header, sort_keys=True).encode()), tensors).hexdigest()
 
 
-def write_guard_file(path: str | Path, contents: GuardFile, overwrite: bool = False) -> Path:
-    """Write `contents` to `path`; refuses to replace an existing file unless `overwrite`."""
+def write_guard_file(path: str | Path, contents: GuardFile, overwrite: bool = False, key: bytes | None = None) -> Path:
+    """Write `contents` to `path`, signed when a `key` is given; refuses to replace an existing file unless
+    `overwrite`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
@@ -71,11 +76,14 @@ def write_guard_file(path: str | Path, contents: GuardFile, overwrite: bool = Fa
         "detectors": detectors,
     }
     meta = {"malex": json.dumps(header), "digest": _digest(header, tensors)}
+    if key is not None:
+        meta["signature"] = signature(header, tensors, key)
     return write_safetensors(path, tensors, meta)
 
 
-def _verified(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The header and tensors of a readable malex guard file of this version whose digest matches."""
+def _verified(path: Path, key: bytes | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header and tensors of a readable malex guard file of this version whose digest (and, given a
+    `key`, signature) matches."""
     if not path.is_file():
         raise ModelFileError(f"{path}: no such guard file")
     try:
@@ -96,14 +104,53 @@ def _verified(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(f"{path}: guard format version {header.get('version')}; this malex reads {FORMAT_VERSION}")
     if _digest(header, tensors) != meta["digest"]:
         raise ModelFileError(f"{path}: the guard file's contents do not match its digest; it was modified or damaged")
+    if key is not None:
+        if "signature" not in meta:
+            raise ModelFileError(f"{path}: the guard file is not signed, but a guard key is configured ({KEY_ENV} "
+                                 "or --guard-key-file); expected a guard saved with that key")
+        if not signature_matches(header, tensors, key, meta["signature"]):
+            raise ModelFileError(f"{path}: the guard file's signature does not match the configured guard key; "
+                                 "it was signed with another key or modified after signing")
     return header, tensors
 
 
-def read_guard_file(path: str | Path, fingerprint: str) -> GuardFile:
+_HEADER_TYPES = {"model_fingerprint": str, "config": dict, "threshold": dict, "detectors": dict}
+
+
+def _check_header(path: Path, header: dict) -> None:
+    """`ModelFileError` unless every piece of the header is there with its type."""
+    for name, kind in _HEADER_TYPES.items():
+        if not isinstance(header.get(name), kind):
+            raise malformed(path, TypeError(f"{name} is {header.get(name)!r}; expected a {kind.__name__}"))
+    names = header["config"].get("detectors")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise malformed(path, TypeError(f"config.detectors is {names!r}; expected a list of detector names"))
+
+
+def _check_calibration(path: Path, calibration: dict[str, torch.Tensor]) -> None:
+    """`ModelFileError` unless every detector's calibration scores are 1-D float64, finite and of one length."""
+    lengths = set()
+    for name, scores in calibration.items():
+        where = f"{path}: tensor cal/{name}"
+        if scores.dtype != torch.float64 or scores.ndim != 1 or scores.numel() == 0:
+            raise ModelFileError(f"{where} is {scores.dtype} of shape {tuple(scores.shape)}; expected 1-D float64 "
+                                 "calibration scores")
+        if not torch.isfinite(scores).all():
+            raise ModelFileError(f"{where} holds NaN or infinite calibration scores; expected finite scores")
+        lengths.add(scores.numel())
+    if len(lengths) > 1:
+        found = ", ".join(f"cal/{name} {t.numel()}" for name, t in calibration.items())
+        raise ModelFileError(f"{path}: calibration scores of different lengths ({found}); expected one score per "
+                             "calibration input for every detector")
+
+
+def read_guard_file(path: str | Path, fingerprint: str, key: bytes | None = None) -> GuardFile:
     """Read and verify a guard file; refused when it was not fitted for the model whose weights
-    fingerprint is `fingerprint`, or when a piece is missing."""
+    fingerprint is `fingerprint`, when a piece is missing or mistyped, or, given a `key`, when it was not
+    signed with it."""
     path = Path(path)
-    header, tensors = _verified(path)
+    header, tensors = _verified(path, key)
+    _check_header(path, header)
     if header["model_fingerprint"] != fingerprint:
         raise ModelFileError(f"{path}: this guard was fitted for a different model (weights fingerprint differs)")
     try:
@@ -112,7 +159,9 @@ def read_guard_file(path: str | Path, fingerprint: str) -> GuardFile:
             prefix = f"det/{name}/"
             detectors[name] = (header["detectors"][name],
                                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        calibration = {name: tensors[f"cal/{name}"].numpy() for name in detectors}
-        return GuardFile(header["model_fingerprint"], header["config"], header["threshold"], detectors, calibration)
+        calibration = {name: tensors[f"cal/{name}"] for name in detectors}
     except (KeyError, TypeError) as exc:
         raise malformed(path, exc) from exc
+    _check_calibration(path, calibration)
+    calibration_arrays = {name: scores.numpy() for name, scores in calibration.items()}
+    return GuardFile(header["model_fingerprint"], header["config"], header["threshold"], detectors, calibration_arrays)
