@@ -21,7 +21,7 @@ def check_folder(folder: str | Path, *, create: bool = True) -> Path:
             raise FileNotFoundError(f"folder {folder} does not exist; expected an existing folder")
         existing = existing.parent
     if not existing.is_dir():
-        raise NotADirectoryError(f"{existing} is not a folder; expected a folder to write {folder} in")
+        raise NotADirectoryError(f"{existing} is not a folder (it is a file); expected a folder to write in")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"folder {existing} is not writable; expected a folder this user may write in")
     return folder
