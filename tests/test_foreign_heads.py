@@ -4,6 +4,7 @@ A head whose re-run does not reproduce the model's labels falls back to the whol
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from torch.func import functional_call
 
 from malex.detectors import make_detector
 from malex.detectors.stats import penultimate_layer
-from malex.models.anatomy import find_head
+from malex.models.anatomy import find_head, tail_chain
 from malex.probe import Probe
 
 
@@ -117,10 +118,29 @@ def test_penultimate_features_are_what_the_last_dense_layer_reads():
         assert Probe(model, det.layers()).run(x).layer(layer).shape == (5, width)
 
 
-def test_mc_dropout_reruns_the_head_that_holds_the_dropout():
-    model = SeparableFC(4).eval()
-    head = find_head(model, also=("drop",))
-    assert head is None  # `drop` and `fc` sit side by side: only the whole model holds both
+def test_mc_dropout_reruns_only_the_modules_the_forward_pass_ends_with():
+    model, x = trained(SeparableFC(4), 3)
+    head = find_head(model, also=("drop",))  # `drop` and `fc` sit side by side, called in a row at the end
+    assert head is not None and head.input_layer == "drop:in" and [type(m) for m in head.module] == [
+        nn.Dropout, nn.Linear]
     det = make_detector("kd_bu", model)
-    assert det.layers() == ["fc:in"]  # KD reads the pooled features; BU re-runs the whole model
+    assert det.layers() == ["fc:in", "drop:in"]  # KD reads the pooled features; BU re-runs drop -> fc
+    obs = Probe(model, det.layers()).run(x)
+    det.fit(obs)
+    whole = make_detector("kd_bu", model)
+    whole._head = None  # the same detector re-running the whole model for its dropout passes
+    whole_obs = Probe(model, whole.layers()).run(x)
+    whole.fit(whole_obs)
+    np.testing.assert_allclose(det.bu(obs), whole.bu(whole_obs), rtol=1e-6, atol=1e-9)
+    assert det.bu(obs).max() > 0
     assert find_head(ResidualGAP(4)).name == "head"
+
+
+def test_a_model_fx_cannot_trace_has_no_chain():
+    class Branchy(SeparableFC):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.features(x).mean((2, 3))
+            return self.fc(self.drop(h)) if float(h.sum()) > -1e9 else self.fc(h)  # data-dependent branch
+
+    assert tail_chain(Branchy(4)) == [] and find_head(Branchy(4), also=("drop",)) is None
+    assert tail_chain(SeparableFC(4)) == ["drop", "fc"]

@@ -98,8 +98,8 @@ def _weight_name(module_name: str) -> str:
 
 def stackable_head(module: nn.Module) -> bool:
     """Is `module` a sequence of layers whose mutants `ModelMutation` can run as batched matrix products
-    (in eval mode): a single dense layer, or flatten/identity, then only dense, ReLU, dropout and identity
-    layers?"""
+    (in eval mode): a single dense layer, or flatten/identity/dropout, then only dense, ReLU, dropout and
+    identity layers?"""
     if isinstance(module, nn.Linear):
         return True
     if not isinstance(module, nn.Sequential):
@@ -108,7 +108,7 @@ def stackable_head(module: nn.Module) -> bool:
     first = next((i for i, c in enumerate(children) if isinstance(c, nn.Linear)), None)
     return first is not None and all(
         isinstance(c, (nn.Linear, nn.ReLU, nn.Dropout, nn.Identity)) for c in children[first:]
-    ) and all(isinstance(c, (nn.Flatten, nn.Identity)) for c in children[:first])
+    ) and all(isinstance(c, (nn.Flatten, nn.Identity, nn.Dropout)) for c in children[:first])
 
 
 class GaussianFuzzer:

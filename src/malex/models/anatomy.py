@@ -24,8 +24,9 @@ INPUT_SUFFIX = ":in"
 
 @dataclass(frozen=True)
 class Head:
-    """A submodule of a model that maps its input to the logits: `name` in `model.named_modules()`, and the
-    probe layer that captures its input."""
+    """What maps a captured input to the logits: `module` (a submodule of the model, or a Sequential of the
+    submodules a forward pass ends with), `name` the first of them in `model.named_modules()`, whose input the
+    probe layer `input_layer` captures."""
 
     name: str
     module: nn.Module
@@ -45,10 +46,28 @@ def dense_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def tail_chain(model: nn.Module) -> list[str]:
+    """The modules the forward pass ends with, each fed by the one before and nothing else (e.g. dropout then
+    the dense layer, where the forward pass calls them in a row): traced with torch.fx; [] when the model
+    cannot be traced or does not end in a module call."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # any model fx cannot trace (data-dependent control flow, unsupported ops) has no chain
+        return []
+    node = next(n for n in graph.nodes if n.op == "output").args[0]
+    chain: list[str] = []
+    while (isinstance(node, torch.fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+           and len(node.users) == 1):
+        chain.append(str(node.target))
+        node = node.args[0]
+    return chain[::-1]
+
+
 def find_head(model: nn.Module, also: tuple[str, ...] = ()) -> Head | None:
     """The model's dense head: `model.head` when it holds every dense layer (and every module named in
-    `also`), else the smallest proper submodule that does; None when only the whole model does (or there is no
-    dense layer)."""
+    `also`), else the smallest proper submodule that does, else the chain of modules the forward pass ends
+    with (`tail_chain`) when it holds them all; None when only the whole model does (or there is no dense
+    layer)."""
     dense = dense_layers(model)
     if not dense:
         return None
@@ -58,7 +77,12 @@ def find_head(model: nn.Module, also: tuple[str, ...] = ()) -> Head | None:
         return Head("head", head, "model.head holds every dense layer")
     owners = [n for n, _ in model.named_modules() if n and all(_inside(w, n) for w in wanted)]
     if not owners:
-        return None
+        chain = tail_chain(model)
+        if not chain or not all(any(_inside(w, c) for c in chain) for w in wanted):
+            return None
+        modules = [model.get_submodule(c) for c in chain]
+        return Head(chain[0], modules[0] if len(modules) == 1 else nn.Sequential(*modules),
+                    f"the forward pass ends with {' -> '.join(chain)}, which hold every dense layer")
     name = max(owners, key=len)  # the deepest module that holds them all is the smallest
     what = f"the dense layer {name!r}" if isinstance(model.get_submodule(name), nn.Linear) else f"{name!r}"
     return Head(name, model.get_submodule(name), f"{what} holds every dense layer")
