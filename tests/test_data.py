@@ -142,6 +142,23 @@ def test_wrong_image_shape_rejected_naming_both_layouts():
     assert "(2, 1, 7, 7)" in msg and "expected (N, 1, 8, 8)" in msg and "(N, 8, 8, 1)" in msg
 
 
+def test_channels_decide_the_layout_when_no_shape_is_known():
+    x = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    nchw = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
+    assert torch.equal(to_nchw_float(x, channels=3), nchw)  # NHWC transposed
+    assert torch.equal(to_nchw_float(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), channels=3), nchw)  # NCHW kept
+    assert to_nchw_float(np.zeros((2, 5, 6), dtype=np.uint8), channels=1).shape == (2, 1, 5, 6)  # grey (N, H, W)
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 32, 4), (2, 4, 32, 32)])
+def test_channels_that_fit_neither_layout_are_one_input_error(shape):
+    with pytest.raises(InputError) as info:
+        to_nchw_float(np.zeros(shape, dtype=np.uint8), channels=3, source="clean.npy")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"clean.npy: images have shape {shape}")
+    assert "expected (N, 3, H, W) or NHWC (N, H, W, 3)" in msg
+
+
 def test_object_dtype_rejected():
     x = np.empty((1, 1, 2, 2), dtype=object)
     x[...] = 0.5

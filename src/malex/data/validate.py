@@ -39,13 +39,16 @@ def to_nchw_float(
     images: ArrayLike,
     *,
     shape: Sequence[int] | None = None,
+    channels: int | None = None,
     source: str | None = None,
 ) -> torch.Tensor:
     """Return `images` as a float32 NCHW tensor in [0, 1], checking everything on the way.
 
     `shape` is the expected (C, H, W) of one image; when given, NHWC input with that layout is accepted
-    and transposed. uint8 input is scaled by 1/255; float16/32/64 input must already lie in [0, 1]; any other
-    NumPy dtype (float128, complex, object, strings, datetimes, void) is refused naming the accepted ones.
+    and transposed. Without `shape`, `channels` (e.g. a model's first convolution's input channels) decides
+    the layout: (N, channels, H, W) is kept, (N, H, W, channels) transposed, anything else refused. uint8
+    input is scaled by 1/255; float16/32/64 input must already lie in [0, 1]; any other NumPy dtype (float128,
+    complex, object, strings, datetimes, void) is refused naming the accepted ones.
     """
     where = _where(source)
     if isinstance(images, torch.Tensor):
@@ -56,7 +59,9 @@ def to_nchw_float(
     else:
         raise InputError(f"{where}images must be a NumPy array or torch tensor, got {type(images).__name__}")
 
-    if arr.ndim == 3 and shape is not None and len(shape) == 3 and shape[0] == 1:
+    if shape is not None:
+        channels = int(shape[0]) if len(shape) == 3 else None
+    if arr.ndim == 3 and channels == 1:
         arr = arr.unsqueeze(1)  # (N, H, W) grey images
     if arr.ndim != 4:
         raise InputError(f"{where}images have shape {tuple(arr.shape)}; expected 4 dimensions (N, C, H, W)")
@@ -73,6 +78,11 @@ def to_nchw_float(
                     f"{where}images have shape {tuple(arr.shape)}; expected (N, {', '.join(map(str, expected))})"
                     f" or NHWC (N, {', '.join(map(str, nhwc))})"
                 )
+    elif channels is not None and arr.shape[1] != channels:
+        if arr.shape[3] != channels:
+            raise InputError(f"{where}images have shape {tuple(arr.shape)}; the model takes {channels} channels: "
+                             f"expected (N, {channels}, H, W) or NHWC (N, H, W, {channels})")
+        arr = arr.permute(0, 3, 1, 2)
 
     if arr.dtype == torch.uint8:
         return arr.float().div_(255.0).contiguous()

@@ -37,6 +37,7 @@ from malex.errors import ConfigError, ModelFileError, NotFittedError
 from malex.guard.fingerprint import model_fingerprint
 from malex.guard.io import GuardFile, malformed, read_guard_file, write_guard_file
 from malex.guard.pvalues import in_sample_tail_pvalues, tail_pvalues
+from malex.models.anatomy import input_channels
 from malex.probe import Observation
 
 BENIGN = "benign"
@@ -170,7 +171,11 @@ class Guard:
         return tuple(shape) if shape is not None else None
 
     def _inputs(self, x) -> torch.Tensor:
-        return to_nchw_float(x, shape=self.input_shape, source="inputs")
+        """`x` as float32 NCHW in [0, 1]: laid out by the model's `input_shape`, or, when it declares none, by its
+        first convolution's input channels (NHWC arrays are transposed)."""
+        shape = self.input_shape
+        channels = input_channels(self.model) if shape is None else None
+        return to_nchw_float(x, shape=shape, channels=channels, source="inputs")
 
     def fit(self, clean_x, clean_y=None, groups=None) -> "Guard":
         """Fit every detector on clean inputs and calibrate the guard on a held-out clean part. `groups`

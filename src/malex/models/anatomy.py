@@ -99,3 +99,9 @@ def penultimate_input(model: nn.Module) -> str | None:
     global-pool head; None without a dense layer."""
     dense = dense_layers(model)
     return dense[-1] + INPUT_SUFFIX if dense else None
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """The channels the model's inputs have, read off its first Conv2d (in registration order); None without one."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return int(conv.in_channels) if conv is not None else None
