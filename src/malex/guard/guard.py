@@ -164,6 +164,8 @@ class Guard:
         self.probe = joint_probe(model, self.detectors)
         self.calibration_scores_: dict[str, np.ndarray] | None = None
         self.threshold_: Threshold | None = None
+        #: where the model came from (`malex.models.sources.LoadedModel.description`), saved with the guard
+        self.source: dict | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int] | None:
@@ -245,14 +247,15 @@ class Guard:
 
     def save(self, path: str | Path, overwrite: bool = False, key: bytes | None = None) -> Path:
         """Write the fitted guard to one safetensors file (no pickle; `malex.guard.io`), signed with `key` when
-        one is given (`malex.guard.signing.guard_key`); refuses to replace an existing file unless `overwrite`."""
+        one is given (`malex.guard.signing.guard_key`), with `self.source` when set; refuses to replace an
+        existing file unless `overwrite`."""
         self.check_fitted()
         config = asdict(self.config)
         config.pop("progress")
         contents = GuardFile(
             fingerprint=model_fingerprint(self.model), config=config, threshold=asdict(self.threshold_),
             detectors={name: det.export() for name, det in self.detectors.items()},
-            calibration=self.calibration_scores_,
+            calibration=self.calibration_scores_, source=self.source,
         )
         return write_guard_file(path, contents, overwrite=overwrite, key=key)
 
@@ -270,6 +273,7 @@ class Guard:
                 det.restore(*saved.detectors[name])
             guard.calibration_scores_ = dict(saved.calibration)
             guard.threshold_ = _threshold(saved.threshold)
+            guard.source = saved.source
         except (KeyError, TypeError, ConfigError, ModelFileError, NotFittedError) as exc:
             raise malformed(path, exc) from exc
         guard._check_restored(path)

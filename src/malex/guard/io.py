@@ -6,8 +6,10 @@ guard read for another model is refused) and a SHA-256 digest over the header an
 or truncated file is refused).
 
 Layout: header {"format", "version", "model_fingerprint", "config", "threshold", "detectors": {name:
-exported metadata}}; tensors "det/NAME/KEY" (a detector's exported tensors) and "cal/NAME" (its float64
-calibration scores). A guard saved with a key also carries "signature", an HMAC of the same content
+exported metadata}, and optionally "model": where the model came from (`malex.models.sources.LoadedModel`'s
+description: kind, arch, arch_kwargs, input_shape, num_classes, preprocessing, file_sha256; files saved before
+it existed have no such key and load as before)}; tensors "det/NAME/KEY" (a detector's exported tensors) and
+"cal/NAME" (its float64 calibration scores). A guard saved with a key also carries "signature", an HMAC of the same content
 (`malex.guard.signing`); a reader given a key refuses a guard without it or whose signature does not match.
 The reader checks the header's pieces' types and the calibration scores (1-D float64, finite, one length);
 `malex.guard.guard` checks the settings and each detector's state.
@@ -44,6 +46,7 @@ class GuardFile:
     threshold: dict[str, Any]  # the calibrated Threshold as a dict
     detectors: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]  # name -> Detector.export()
     calibration: dict[str, np.ndarray]  # name -> clean calibration scores
+    source: dict[str, Any] | None = None  # the model's source description; None in older files
 
 
 def malformed(path: Path, exc: Exception) -> ModelFileError:
@@ -75,6 +78,8 @@ def write_guard_file(path: str | Path, contents: GuardFile, overwrite: bool = Fa
         "threshold": contents.threshold,
         "detectors": detectors,
     }
+    if contents.source is not None:
+        header["model"] = contents.source
     meta = {"malex": json.dumps(header), "digest": _digest(header, tensors)}
     if key is not None:
         meta["signature"] = signature(header, tensors, key)
@@ -122,6 +127,8 @@ def _check_header(path: Path, header: dict) -> None:
     for name, kind in _HEADER_TYPES.items():
         if not isinstance(header.get(name), kind):
             raise malformed(path, TypeError(f"{name} is {header.get(name)!r}; expected a {kind.__name__}"))
+    if not isinstance(header.get("model", {}), dict):
+        raise malformed(path, TypeError(f"model is {header['model']!r}; expected a dict"))
     names = header["config"].get("detectors")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise malformed(path, TypeError(f"config.detectors is {names!r}; expected a list of detector names"))
@@ -164,4 +171,13 @@ def read_guard_file(path: str | Path, fingerprint: str, key: bytes | None = None
         raise malformed(path, exc) from exc
     _check_calibration(path, calibration)
     calibration_arrays = {name: scores.numpy() for name, scores in calibration.items()}
-    return GuardFile(header["model_fingerprint"], header["config"], header["threshold"], detectors, calibration_arrays)
+    return GuardFile(header["model_fingerprint"], header["config"], header["threshold"], detectors, calibration_arrays,
+                     header.get("model"))
+
+
+def read_guard_source(path: str | Path, key: bytes | None = None) -> dict[str, Any] | None:
+    """The description of the model a verified guard file was fitted for (None for files without one)."""
+    path = Path(path)
+    header, _ = _verified(path, key)
+    _check_header(path, header)
+    return header.get("model")

@@ -68,6 +68,21 @@ def read_description(path: str | Path) -> dict[str, Any]:
     return desc
 
 
+def check_weights(expected: dict[str, torch.Tensor], tensors: dict[str, Any], where: str, what: str) -> None:
+    """`ModelFileError` (naming the file `where` and the model `what`) unless `tensors` holds a finite tensor of
+    the expected shape under every key of `expected`, and nothing else."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ModelFileError(f"{where}: weights do not match {what} (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, value in expected.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise ModelFileError(f"{where}: weight {key} has shape {tuple(tensors[key].shape)}; "
+                                 f"expected {tuple(value.shape)}")
+        if tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
+            raise ModelFileError(f"{where}: weight {key} contains NaN or infinite values")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
     """Load a model saved by `save_model`; returns the model in eval mode and its description."""
     path = Path(path)
@@ -80,17 +95,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Cl
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path}: weights are unreadable ({exc}); the file may be truncated") from exc
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ModelFileError(f"{path}: weights do not match architecture {desc['arch']!r} "
-                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    for key, value in expected.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise ModelFileError(f"{path}: weight {key} has shape {tuple(tensors[key].shape)}; "
-                                 f"expected {tuple(value.shape)}")
-        if not torch.isfinite(tensors[key]).all():
-            raise ModelFileError(f"{path}: weight {key} contains NaN or infinite values")
+    check_weights(model.state_dict(), tensors, str(path), f"architecture {desc['arch']!r}")
     model.load_state_dict(tensors)
     return model.to(device).eval(), desc
