@@ -10,13 +10,24 @@ in both generation modes (positive: bodies and parameters the schema allows; neg
 at most `--max-examples` per operation and mode and `--max-time` seconds in all. Every response is
 checked for a server error (5xx) and against the schema (status codes, content types, response
 bodies). Prints the number of cases, the statuses seen, every 5xx (with a curl line to reproduce it)
-and the schema-check failures; exits 1 when any 5xx was found.
+and the schema-check failures. Only the examples and fuzzing phases run (schemathesis's coverage phase
+stalled for minutes on its own side); the service runs with an API key, which every case carries.
+
+Then the hostile corpus (`serve_hostile.py`, every case of issue 16: 8 MB bodies of empty lists, three
+at once, deep nesting, float128 and complex .npy, a 10 GB Content-Length, disconnects mid-upload,
+malformed request lines and headers, a foreign Host header, no API key, slowloris heads and bodies, 300
+idle connections): per case the answers, whether /healthz answered right after, and the service's CPU
+milliseconds per request (from /proc/PID/stat, over `repeat` runs). Exits 1 when any 5xx (other than a
+503 for a connection over the cap) was answered or the service was unhealthy after a case.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,7 +44,10 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from serve_hostile import exchange, hostile_cases, request
 from serve_setup import ServiceProcess, add_serve_args, guard_files
+
+from malex.data import load_digits
 
 SCHEMA_CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 
@@ -44,7 +58,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-examples", type=int, default=300, help="cases per operation and generation mode")
     p.add_argument("--max-time", type=float, default=300.0, help="seconds for the whole run")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_fuzz.md"))
+    p.add_argument("--request-read-s", type=float, default=2.0, help="service: request-read timeout")
+    p.add_argument("--skip-schemathesis", action="store_true", help="run the hostile corpus only")
     return p.parse_args(argv)
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU milliseconds (user + system) process `pid` has used (Linux /proc, 10 ms ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def hostile(port: int, pid: int, headers: dict, console: Console) -> list[list[str]]:
+    """Every hostile case: answers, healthy after, server CPU ms per run; one table row each."""
+    rows = []
+    for case in hostile_cases(tuple(load_digits(0).test.x.shape[1:])):
+        before = cpu_ms(pid)
+        answers: Counter = Counter()
+        for _ in range(case.repeat):
+            answers.update(case.run(port, headers))
+        per_run = (cpu_ms(pid) - before) / case.repeat
+        healthy = exchange(port, request("GET", "/healthz")) == "200"
+        ok = healthy and set(answers) <= set(case.expected)
+        rows.append([case.name, ", ".join(f"{a}: {n}" for a, n in sorted(answers.items())), str(healthy),
+                     f"{per_run:.0f}", "yes" if ok else f"NO (expected {', '.join(case.expected)})"])
+        console.print(f"{case.name}: {rows[-1][1]}; healthy {healthy}; {per_run:.0f} ms CPU per run", markup=False)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         """Send one case and check its response."""
         if time.perf_counter() - started > args.max_time:
             return
-        response = case.call(base_url=url, timeout=60)
+        response = case.call(base_url=url, timeout=60, headers=auth)
         cases[label] += 1
         statuses[response.status_code] += 1
         try:
@@ -104,14 +143,24 @@ def main(argv: list[str] | None = None) -> int:
 
             run()
 
-    with ServiceProcess(model_path, guard_path, args) as url:
-        schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-        operations = [op.ok() for op in schema.get_all_operations()]
-        for op in operations:
-            examples_of(op, f"{op.method.upper()} {op.path} (schema examples)")
-            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                fuzz(op, mode, f"{op.method.upper()} {op.path} ({mode.value})")
-    seconds = time.perf_counter() - started
+    key = secrets.token_urlsafe(24)
+    auth = {"Authorization": f"Bearer {key}"}
+    with tempfile.NamedTemporaryFile("w", suffix=".key") as key_file:
+        key_file.write(key)
+        key_file.flush()
+        service = ServiceProcess(model_path, guard_path, args, "--api-key-file", key_file.name,
+                                 "--request-read-s", str(args.request_read_s), "--open-endpoint", "/healthz")
+        with service as url:
+            if not args.skip_schemathesis:
+                schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=auth)
+                for op in [op.ok() for op in schema.get_all_operations()]:
+                    examples_of(op, f"{op.method.upper()} {op.path} (schema examples)")
+                    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                        fuzz(op, mode, f"{op.method.upper()} {op.path} ({mode.value})")
+            seconds = time.perf_counter() - started
+            corpus = hostile(service.port, service.proc.pid, auth, console)
+            log_lines = service.log_text().splitlines()
+    tracebacks = sum("Traceback" in line for line in log_lines)
     total = sum(cases.values())
     table = Table(title=f"schemathesis {schemathesis.SCHEMATHESIS_VERSION}: {total} cases in {seconds:.0f}s")
     for col in ("operation (mode)", "cases"):
@@ -142,11 +191,26 @@ def main(argv: list[str] | None = None) -> int:
         *[f"| {label} | {n} |" for label, n in cases.items()],
         "",
         "Statuses: " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())),
+        "",
+        "## Hostile corpus",
+        "",
+        f"`python benchmarks/serve_fuzz.py` (same run; service with `--request-read-s {args.request_read_s:g}`, "
+        "default `--max-connections 256`; CPU: the service process's user + system time, 10 ms ticks, "
+        "divided by the runs)",
+        "",
+        "| case | answers (runs) | healthy after | server CPU ms per run | as expected |",
+        "|---|---|---|---:|---|",
+        *["| " + " | ".join(row) + " |" for row in corpus],
+        "",
+        f"Service log: {len(log_lines)} lines, {tracebacks} tracebacks.",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     console.print(f"wrote {args.out}")
-    return 1 if server_errors else 0
+    bad = [row for row in corpus if not row[4].startswith("yes")]
+    for row in bad:
+        console.print(f"hostile case not as expected: {row}", markup=False)
+    return 1 if server_errors or bad else 0
 
 
 if __name__ == "__main__":

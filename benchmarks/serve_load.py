@@ -12,6 +12,13 @@ back to back until `--requests` are answered or `--duration` seconds pass. "With
 micro-batcher); "with the guard" is `POST /v1/screen`. Reports requests/s, p50 and p99 latency, errors
 (any non-200 answer or transport failure) and the mean inputs per forward pass (from /metrics), prints
 a table and writes it as Markdown.
+
+Soak (issue 16): `python benchmarks/serve_load.py --soak 330` runs, for that many seconds, a mix of
+clients at once: valid batches of 1..8 inputs to /v1/screen and /v1/predict, clients that connect and
+abort mid-upload, clients that send garbage (hostile JSON, float128 .npy, malformed HTTP), and
+clients that connect and stay idle until the service drops them. Reports valid requests/s, their p50
+and p99 latency, answers by status per client kind, the service's 5xx count, and its RSS every 10 s
+(from /proc), written to benchmarks/results/serve_soak.md.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
+from serve_hostile import exchange, hostile_json, request
 from serve_setup import ServiceProcess, add_serve_args, guard_files
 
 from malex.data import load_digits
@@ -49,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="concurrent clients")
     p.add_argument("--warmup", type=int, default=32, help="requests sent before each measurement (by all clients)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.md"))
+    p.add_argument("--soak", type=float, default=0.0, help="seconds of mixed-client soak instead of the table")
+    p.add_argument("--soak-valid", type=int, default=8, help="valid clients at once in the soak")
+    p.add_argument("--soak-out", type=Path, default=Path("benchmarks/results/serve_soak.md"))
     return p.parse_args(argv)
 
 
@@ -118,11 +129,122 @@ async def measure(url: str, path: str, batcher: str, bodies: list[bytes], concur
             "per_pass": (inputs1 - inputs0) / max(passes1 - passes0, 1)}
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of process `pid` in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def soak(url: str, pid: int, shape: tuple[int, int, int], args) -> dict:
+    """Mixed clients for `args.soak` seconds: valid, aborting, garbage and idle; RSS every 10 s."""
+    port = int(url.rsplit(":", 1)[1])
+    rng = np.random.default_rng(0)
+    stop_at = time.perf_counter() + args.soak
+    latencies: list[float] = []
+    by_kind: dict[str, Counter] = {k: Counter() for k in ("valid", "abort", "garbage", "idle")}
+    rss: list[tuple[float, float]] = []
+    started = time.perf_counter()
+    garbage = hostile_json(shape)
+    x = load_digits(args.seed).test.x.numpy()
+
+    async def valid(k: int) -> None:
+        path = "/v1/screen" if k % 2 == 0 else "/v1/predict"
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            while time.perf_counter() < stop_at:
+                n = int(rng.integers(1, 9))
+                i = int(rng.integers(0, len(x) - n))
+                t0 = time.perf_counter()
+                try:
+                    res = await client.post(path, content=npy(x[i : i + n]), headers={"content-type": "application/x-npy"})
+                    by_kind["valid"][str(res.status_code)] += 1
+                    if res.status_code == 200:
+                        latencies.append(time.perf_counter() - t0)
+                except httpx.HTTPError as exc:
+                    by_kind["valid"][type(exc).__name__] += 1
+
+    async def in_thread(kind: str, fn, pause: float) -> None:
+        while time.perf_counter() < stop_at:
+            by_kind[kind][await asyncio.to_thread(fn)] += 1
+            await asyncio.sleep(pause)
+
+    def abort() -> str:
+        data = request("POST", "/v1/screen", b"\x93NUMPY" + b"\0" * 4000, "application/x-npy")
+        return exchange(port, data[: data.index(b"\r\n\r\n") + 1000], close_after_send=True)
+
+    def junk() -> str:
+        k = int(rng.integers(0, len(garbage) + 1))
+        if k == len(garbage):
+            return exchange(port, b"NOT HTTP AT ALL\r\n\r\n")
+        return exchange(port, request("POST", "/v1/screen", *garbage[k]))
+
+    def idle() -> str:
+        return exchange(port, b"", timeout=120)
+
+    async def sample() -> None:
+        while time.perf_counter() < stop_at:
+            rss.append((time.perf_counter() - started, rss_mib(pid)))
+            await asyncio.sleep(10)
+        rss.append((time.perf_counter() - started, rss_mib(pid)))
+
+    await asyncio.gather(sample(), *[valid(k) for k in range(args.soak_valid)],
+                         *[in_thread("abort", abort, 0.05) for _ in range(2)],
+                         *[in_thread("garbage", junk, 0.02) for _ in range(2)],
+                         *[in_thread("idle", idle, 0.0) for _ in range(4)])
+    seconds = time.perf_counter() - started
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        text = (await client.get("/metrics")).text
+        healthy = (await client.get("/healthz")).status_code == 200
+    server_statuses = Counter()
+    for family in text_string_to_metric_families(text):
+        for smp in family.samples:
+            if smp.name == "malex_requests_total":
+                server_statuses[smp.labels["status"]] += int(smp.value)
+    lat = np.array(latencies) * 1e3
+    return {"seconds": seconds, "valid": len(latencies), "rps": len(latencies) / seconds,
+            "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)), "by_kind": by_kind,
+            "server": server_statuses, "rss": rss, "healthy": healthy}
+
+
+def write_soak(r: dict, args, origin: str, console: Console) -> int:
+    """Print and write the soak's results; 1 when the service answered any 5xx or ended unhealthy."""
+    fivexx = sum(n for s, n in r["server"].items() if s.startswith("5") and s != "503")
+    warm = [v for t, v in r["rss"] if t >= 60] or [v for _, v in r["rss"]]
+    lines = [f"# HTTP service soak: {r['seconds']:.0f} s of mixed clients", "",
+             f"`python benchmarks/serve_load.py --soak {args.soak:g} --soak-valid {args.soak_valid}`", "",
+             f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; {origin}", "",
+             f"Clients at once: {args.soak_valid} valid (batches of 1..8 inputs, half /v1/screen, half /v1/predict), "
+             "2 connect-and-abort, 2 garbage (hostile JSON, float128 .npy, broken PNG/.npy, malformed HTTP), "
+             "4 idle (connect, send nothing).", "",
+             f"Valid requests answered 200: {r['valid']} ({r['rps']:.1f}/s), p50 {r['p50']:.1f} ms, "
+             f"p99 {r['p99']:.1f} ms; service healthy at the end: {r['healthy']}; 5xx other than 503: {fivexx}", "",
+             "| client kind | outcomes |", "|---|---|",
+             *[f"| {k} | {', '.join(f'{s}: {n}' for s, n in sorted(c.items()))} |" for k, c in r["by_kind"].items()],
+             "", "Service's own count (`malex_requests_total` by status): "
+             + ", ".join(f"{s}: {n}" for s, n in sorted(r["server"].items())), "",
+             f"RSS (MiB) every 10 s: {', '.join(f'{v:.0f}' for _, v in r['rss'])}", "",
+             f"RSS after the first minute: {min(warm):.0f} to {max(warm):.0f} MiB (start {r['rss'][0][1]:.0f}, "
+             f"end {r['rss'][-1][1]:.0f})"]
+    for line in lines:
+        console.print(line, markup=False)
+    args.soak_out.parent.mkdir(parents=True, exist_ok=True)
+    args.soak_out.write_text("\n".join(lines) + "\n")
+    console.print(f"wrote {args.soak_out}")
+    return 1 if fivexx or not r["healthy"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=150)
     model_path, guard_path, origin = guard_files(args)
     console.print(origin)
+    if args.soak > 0:
+        x = load_digits(args.seed).test.x
+        service = ServiceProcess(model_path, guard_path, args)
+        with service as url:
+            result = asyncio.run(soak(url, service.proc.pid, tuple(x.shape[1:]), args))
+        return write_soak(result, args, origin, console)
     x = load_digits(args.seed).test.x.numpy()
     bodies = [npy(x[i : i + 1]) for i in range(len(x))]  # batch 1: one (1, 1, 8, 8) image per request
     load_before = os.getloadavg()

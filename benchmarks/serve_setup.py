@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,12 +85,14 @@ class ServiceProcess:
         return f"http://{HOST}:{self.port}"
 
     def __enter__(self) -> str:
-        self.proc = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # the log goes to a file: a pipe nobody reads fills up under hostile load and blocks the service
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 120
         with httpx.Client(base_url=self.url, timeout=5) as client:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"the service exited: {self.proc.stderr.read().decode()}")
+                    raise RuntimeError(f"the service exited: {self.log_text()}")
                 try:
                     if client.get("/healthz").status_code == 200:
                         return self.url
@@ -99,6 +102,11 @@ class ServiceProcess:
                     self.__exit__()
                     raise RuntimeError("the service did not answer /healthz within 120 s")
                 time.sleep(0.2)
+
+    def log_text(self) -> str:
+        """What the service has logged so far."""
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
