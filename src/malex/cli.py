@@ -24,6 +24,52 @@ GUARD_KEY_FILE = typer.Option(
     "variable): guards are signed with it on save, and unsigned or foreign guards refused on load.")
 
 
+ARCH = typer.Option(None, "--arch", help="For a weights-only model file (.safetensors, or a .pt/.pth state_dict): "
+                    "the network's factory, module:callable, imported from the current folder or the Python path.")
+ARCH_KWARGS = typer.Option(None, "--arch-kwargs", help="Keyword arguments for --arch, as a JSON object.")
+INPUT_SHAPE = typer.Option(None, "--input-shape", help="C,H,W of one input, when the model file does not record "
+                           "it (needed for TorchScript; fit takes it from --data otherwise).")
+MEAN = typer.Option(None, "--mean", help="Per-channel mean the network subtracts (comma-separated, in --value-range "
+                    "units), e.g. 0.485,0.456,0.406; with --std.")
+STD = typer.Option(None, "--std", help="Per-channel std the network divides by (comma-separated); with --mean.")
+VALUE_RANGE = typer.Option(None, "--value-range", help="LOW,HIGH the network's inputs span (default 0,1; e.g. "
+                           "0,255); malex maps its [0, 1] inputs onto it.")
+
+
+def _numbers(text: Optional[str], option: str, kind=float) -> Optional[tuple]:
+    """'a,b,c' as a tuple of numbers, or None."""
+    from malex.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return tuple(kind(part) for part in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"{option} {text!r}; expected comma-separated numbers") from exc
+
+
+def _load_model(model: Path, arch: Optional[str], arch_kwargs: Optional[str], input_shape: Optional[str],
+                mean: Optional[str], std: Optional[str], value_range: Optional[str], recorded: Optional[dict] = None):
+    """The model the shared options name (`malex.models.load`), completed by a guard's `recorded` source."""
+    from malex.errors import ConfigError
+    from malex.models import ModelSpec, Preprocessing, load
+
+    try:
+        kwargs = json.loads(arch_kwargs) if arch_kwargs is not None else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--arch-kwargs is not valid JSON ({exc}); expected an object, e.g. '{{\"num_classes\": 10}}'") from exc
+    prep = Preprocessing(_numbers(value_range, "--value-range") or (0.0, 1.0), _numbers(mean, "--mean"),
+                         _numbers(std, "--std"))
+    spec = ModelSpec(model, arch, kwargs, _numbers(input_shape, "--input-shape", int), prep)
+    return load(spec.filled_from(recorded))
+
+
+def _source(loaded) -> dict:
+    """What a guard records of its model: the description without the local path and training facts."""
+    return {k: loaded.description[k] for k in ("kind", "arch", "arch_kwargs", "input_shape", "num_classes",
+                                               "preprocessing", "file_sha256")}
+
+
 def _guard_key(key_file: Optional[Path]) -> Optional[bytes]:
     """The guard key from `key_file` or the environment, read now (None: guards are not signed)."""
     from malex.guard.signing import guard_key
@@ -95,27 +141,53 @@ def train(
 
 
 @app.command()
-def info(model: Path = typer.Argument(..., help="A malex model file.")) -> None:
-    """Describe a model file (architecture, input shape, training facts)."""
-    from malex.models import read_description
+def info(
+    model: Path = typer.Argument(..., help="A model file: malex, state_dict (with --arch), TorchScript or .pt2."),
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
+    mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
+) -> None:
+    """Describe a model: source kind, input shape, classes, preprocessing, and the head and penultimate layer
+    the detectors use."""
+    from malex.detectors.stats import penultimate_layer
+    from malex.models.anatomy import find_head
 
-    out.print_json(json.dumps(read_description(model)))
+    loaded = _load_model(model, arch, arch_kwargs, input_shape, mean, std, value_range)
+    head = find_head(loaded.module)
+    described = {**loaded.description,
+                 "head": {"module": head.name, "reason": head.reason} if head else
+                 {"module": None, "reason": "no submodule holds every dense layer: detectors re-run the whole model"},
+                 "penultimate_layer": penultimate_layer(loaded.module)}
+    out.print_json(json.dumps(described))
 
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="A malex model file."),
+    model: Path = typer.Argument(..., help="A model file (see `info`)."),
     inputs: Path = typer.Argument(..., help="Images as .npy or .npz (uint8 0..255 or float in [0, 1])."),
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
+    mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
 ) -> None:
     """Print the model's predicted label for each input, one per line."""
     from malex.data.inputs import read_images
-    from malex.models import load_model
+    from malex.errors import ConfigError
     from malex.models.inference import predict as predict_labels
 
-    net, _ = load_model(model)
+    loaded = _load_model(model, arch, arch_kwargs, input_shape, mean, std, value_range)
+    if loaded.input_shape is None:
+        raise ConfigError(f"{model} records no input shape; give --input-shape C,H,W")
+    net = loaded.module
     x = read_images(inputs, net.input_shape)
     for label in predict_labels(net, x).tolist():
         print(label)
+
+
+def _guarded_model(guard_file: Path, key, model: Path, *options):
+    """The module a guard file was fitted for: the shared model options, completed by the source the guard
+    recorded (input shape, preprocessing, factory arguments: what was not given is the guard's; what was given
+    must agree)."""
+    from malex.guard.io import read_guard_source
+
+    return _load_model(model, *options, recorded=read_guard_source(guard_file, key)).module
 
 
 def _clean_reference(data: str, seed: int, labels: Optional[Path], shape) -> tuple:
@@ -137,7 +209,7 @@ def _clean_reference(data: str, seed: int, labels: Optional[Path], shape) -> tup
 
 @app.command()
 def fit(
-    model: Path = typer.Argument(..., help="A malex model file."),
+    model: Path = typer.Argument(..., help="A model file (see `info`)."),
     output: Path = typer.Option(Path("guard.safetensors"), "--out", help="Where to write the guard."),
     data: str = typer.Option("digits", help="Clean inputs: a dataset name or path as for `train` (its validation "
                              "split), or an .npy/.npz of images."),
@@ -148,18 +220,24 @@ def fit(
     seed: int = typer.Option(0, help="Seed."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     guard_key_file: Optional[Path] = GUARD_KEY_FILE,
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
+    mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
 ) -> None:
-    """Fit a guard for MODEL on clean inputs and write it to a guard file."""
+    """Fit a guard for MODEL on clean inputs and write it to a guard file (with the model's source: kind,
+    factory, input shape, preprocessing)."""
     from malex.guard import Guard, GuardConfig
     from malex.guard.guard import detectors_from
-    from malex.models import load_model
 
     check_output(output, overwrite=force)
     key = _guard_key(guard_key_file)
-    net, _ = load_model(model)
-    x, y, groups = _clean_reference(data, seed, labels, net.input_shape)
+    loaded = _load_model(model, arch, arch_kwargs, input_shape, mean, std, value_range)
+    x, y, groups = _clean_reference(data, seed, labels, loaded.input_shape)
+    if loaded.input_shape is None:  # a network that records no shape takes that of its clean inputs
+        loaded = loaded.with_input_shape(tuple(x.shape[1:]))
     chosen = {"detectors": detectors_from(detectors)} if detectors else {}
-    guard = Guard(net, GuardConfig(**chosen, fpr=fpr, seed=seed)).fit(x, y, groups)
+    guard = Guard(loaded.module, GuardConfig(**chosen, fpr=fpr, seed=seed))
+    guard.source = _source(loaded)
+    guard.fit(x, y, groups)
     guard.save(output, overwrite=force, key=key)
     out.print(f"fitted {', '.join(guard.detectors)} on {x.shape[0]} clean inputs; "
               f"guard threshold {guard.threshold_.value:.3f} at {fpr:.0%} FPR; wrote {output}")
@@ -174,12 +252,13 @@ def scan(
     output: Optional[Path] = typer.Option(None, "--output", help="Write rows here instead of stdout."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     guard_key_file: Optional[Path] = GUARD_KEY_FILE,
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
+    mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
 ) -> None:
     """Screen inputs: one row per input with prediction, verdict, guard score and detector scores."""
     from malex.data.inputs import read_images
     from malex.errors import ConfigError
     from malex.guard import Guard
-    from malex.models import load_model
     from malex.report.rows import write_rows
 
     if fmt not in ("csv", "jsonl"):
@@ -187,7 +266,7 @@ def scan(
     if output is not None:
         check_output(output, overwrite=force, create_folder=False)
     key = _guard_key(guard_key_file)
-    net, _ = load_model(model)
+    net = _guarded_model(guard_file, key, model, arch, arch_kwargs, input_shape, mean, std, value_range)
     guard = Guard.load(guard_file, net, key=key)
     result = guard.screen(read_images(inputs, net.input_shape))
     if output is None:
@@ -206,17 +285,18 @@ def evaluate(
     clean: Path = typer.Option(..., help="Clean images (.npy/.npz) the guard has not seen."),
     malicious: list[str] = typer.Option(..., help="NAME=PATH of malicious images; repeat for several sets."),
     guard_key_file: Optional[Path] = GUARD_KEY_FILE,
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
+    mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
 ) -> None:
     """The metrics table (per detector and for the guard) on given clean and malicious sets."""
     from malex.data.inputs import read_images
     from malex.errors import ConfigError
     from malex.evaluate.guarded import evaluate_guard
     from malex.guard import Guard
-    from malex.models import load_model
     from malex.report.table import metrics_table, print_table
 
     key = _guard_key(guard_key_file)
-    net, _ = load_model(model)
+    net = _guarded_model(guard_file, key, model, arch, arch_kwargs, input_shape, mean, std, value_range)
     guard = Guard.load(guard_file, net, key=key)
     sets = {}
     for item in malicious:
@@ -253,7 +333,7 @@ def serve(
         None, "--allowed-host", help="A Host header name to answer for (repeatable; '*': any); loopback names always."),
     docs: bool = typer.Option(False, "--docs", help="Serve /docs and /redoc (the browser loads them from a CDN)."),
     keep_alive_s: float = typer.Option(5.0, "--keep-alive-s", help="Seconds an idle keep-alive connection stays."),
-    request_read_s: float = typer.Option(30.0, "--request-read-s",
+    request_read_s: float = typer.Option(10.0, "--request-read-s",
                                          help="Seconds a request's head, and its body, may take to arrive."),
     max_connections: int = typer.Option(256, "--max-connections", help="Most open connections; more get a 503."),
     shutdown_grace_s: float = typer.Option(10.0, "--shutdown-grace-s",

@@ -27,8 +27,8 @@ from malex.guard import Guard, Screening
 from malex.guard.fingerprint import model_fingerprint
 from malex.guard.guard import in_sample_guard_scores
 from malex.models.inference import predict
-from malex.serve.batcher import MicroBatcher
 from malex.serve.access import AccessMiddleware
+from malex.serve.batcher import MicroBatcher
 from malex.serve.config import ServeConfig
 from malex.serve.decode import decode_inputs, read_body
 from malex.serve.errors import HTTP_CODES, ClientAborted, ServiceError, error_document
@@ -185,7 +185,7 @@ def create_app(guard: Guard, config: ServeConfig | None = None, description: dic
         if isinstance(exc, ClientAborted):  # one line, no traceback; the answer goes nowhere
             client = request.client
             log.warning("client %s closed the connection during %s %s: %s", client.host if client else "?",
-                     request.method, request.url.path, exc.message)
+                        request.method, request.url.path, exc.message)
         headers = {503: {"Retry-After": "1"}, 408: {"Connection": "close"}}.get(exc.status)  # 408: body half-read
         return _error(exc.status, exc.code, exc.message, headers)
 

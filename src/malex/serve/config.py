@@ -62,7 +62,7 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] | None = None
     docs: bool = False
     keep_alive_s: float = 5.0
-    request_read_s: float = 30.0
+    request_read_s: float = 10.0
     max_connections: int = 256
     shutdown_grace_s: float = 10.0
 
