@@ -58,7 +58,7 @@ class ErrorResponse(BaseModel):
                       "invalid_dtype, invalid_input, empty_body, body_too_large, batch_too_large, "
                       "image_too_large, too_many_elements, request_timeout, unsupported_media_type, "
                       "invalid_parameter, invalid_host, unauthorized, bad_request, not_found, "
-                      "method_not_allowed, overloaded, too_many_connections, internal_error")
+                      "method_not_allowed, overloaded, too_many_connections, client_closed_request, internal_error")
     message: str
 
 
