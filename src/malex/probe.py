@@ -15,7 +15,7 @@ from torch import nn
 
 from malex.device import model_device
 from malex.errors import ConfigError
-from malex.models.anatomy import INPUT_SUFFIX
+from malex.models.anatomy import INPUT_SUFFIX, stage_layers
 from malex.models.inference import eval_mode
 from malex.progress import track
 
@@ -59,11 +59,13 @@ class Observation:
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """The model's own `probe_layers` when it declares them, else every Conv2d and Linear module."""
+    """The model's own `probe_layers` when it declares them, else its stage outputs and penultimate features
+    (`malex.models.anatomy.stage_layers`; every Conv2d and Linear output, with a warning, when it cannot be
+    traced)."""
     declared = getattr(model, "probe_layers", None)
     if declared:
         return list(declared)
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return stage_layers(model)[0]
 
 
 class Probe:
