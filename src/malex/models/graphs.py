@@ -57,7 +57,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
 
 
 def with_layers(gm: fx.GraphModule) -> fx.GraphModule:
-    """`gm` with each `aten.linear` / `aten.conv2d` call that reads one module path's weight (and bias) turned
+    """A copy of `gm` with each `aten.linear` / `aten.conv2d` call that reads one module path's weight (and bias) turned
     into a call of a real `nn.Linear` / `nn.Conv2d` at that path (each path used once)."""
     done: set[str] = set()
     for node in list(gm.graph.nodes):
@@ -75,8 +75,7 @@ def with_layers(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    return fx.GraphModule(gm, gm.graph)  # a plain GraphModule: the exported one refuses train() and eval()
 
 
 def _batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:

@@ -194,6 +194,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    with path.open("rb") as handle:
+        first = handle.read(1)
+    if not zipfile.is_zipfile(path) and first != b"\x80":  # neither torch.save's zip nor its legacy pickle
+        raise ModelFileError(f"{path}: not a PyTorch weights file; expected torch.save(model.state_dict()), a "
+                             ".safetensors, TorchScript or torch.export (.pt2) file")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
