@@ -190,21 +190,32 @@ def _guarded_model(guard_file: Path, key, model: Path, *options):
     return _load_model(model, *options, recorded=read_guard_source(guard_file, key)).module
 
 
-def _clean_reference(data: str, seed: int, labels: Optional[Path], shape) -> tuple:
+def _clean_reference(data: str, seed: int, labels: Optional[Path], shape, resize: bool = False) -> tuple:
     """Clean inputs for fitting (x, y or None, groups or None): a dataset's validation split (with its
-    groups of near-copies, if it has them), or an image file (+ optional labels)."""
+    groups of near-copies, if it has them), a folder of PNG/JPEG images (labelled by class subfolders, or
+    flat), resized to the model's size when `resize`, or an image file (+ optional labels)."""
     from malex.data import DATASET_NAMES, load_dataset
     from malex.data.files import load_arrays
+    from malex.data.images import read_image_folder
     from malex.data.inputs import read_images
+    from malex.data.registry import is_dataset_folder
+    from malex.errors import ConfigError
 
     path = Path(data)
-    if data.strip().lower() in DATASET_NAMES or path.is_dir() or "x_train" in load_arrays(path):
+    named = data.strip().lower() in DATASET_NAMES
+    if not named and path.is_dir() and not is_dataset_folder(path):
+        x, y, _ = read_image_folder(path, size=tuple(shape[1:]) if shape else None, channels=shape[0] if shape
+                                    else None, resize=resize)
+    elif named or path.is_dir() or "x_train" in load_arrays(path):
         split = load_dataset(data, seed=seed).val
         return split.x, split.y, split.groups
-    x = read_images(path, shape)
-    if labels is None:
-        return x, None, None
-    return x, next(iter(load_arrays(labels).values())), None
+    else:
+        x, y = read_images(path, shape), None
+    if labels is not None:
+        if y is not None:
+            raise ConfigError(f"{path}: the labels come from its class subfolders; leave out --labels")
+        y = next(iter(load_arrays(labels).values()))
+    return x, y, None
 
 
 @app.command()
@@ -340,6 +351,8 @@ def serve(
                                            help="On SIGTERM, seconds to answer requests already received."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
     guard_key_file: Optional[Path] = GUARD_KEY_FILE,
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
+    mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
 ) -> None:
     """Serve the model over HTTP and screen every input (needs the `serve` extra)."""
     from malex.errors import ConfigError
@@ -350,7 +363,7 @@ def serve(
         raise ConfigError(f"the serve command needs the serve extra ({exc}); "
                           "install it with pip install 'malex[serve]'") from exc
     from malex.guard import Guard
-    from malex.models import load_model
+    from malex.guard.io import read_guard_source
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}; expected 0..65535")
@@ -363,8 +376,11 @@ def serve(
         allow_unauthenticated=allow_unauthenticated, open_endpoints=tuple(open_endpoints or ("/healthz",)),
         allowed_hosts=tuple(allowed_hosts) if allowed_hosts else None, docs=docs, keep_alive_s=keep_alive_s,
         request_read_s=request_read_s, max_connections=max_connections, shutdown_grace_s=shutdown_grace_s)
-    net, description = load_model(model)
-    guard = Guard.load(guard_file, net, key=_guard_key(guard_key_file))
+    key = _guard_key(guard_key_file)
+    loaded = _load_model(model, arch, arch_kwargs, input_shape, mean, std, value_range,
+                         recorded=read_guard_source(guard_file, key))
+    net, description = loaded.module, loaded.description
+    guard = Guard.load(guard_file, net, key=key)
     what = f"{description.get('arch')} guarded by {', '.join(guard.detectors)} (protect {'on' if protect else 'off'})"
     run_server(create_app(guard, config, description), port=port, log_level=log_level,
                announce=lambda url: Console(stderr=True).print(f"serving {what} on {url}", highlight=False))

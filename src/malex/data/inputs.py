@@ -1,4 +1,4 @@
-"""Reading images a user hands to the CLI: .npy arrays or .npz archives."""
+"""Reading images a user hands to the CLI: .npy arrays, .npz archives, or a folder of PNG/JPEG images."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from malex.data.files import load_arrays
+from malex.data.images import read_image_folder
 from malex.data.validate import to_nchw_float
 from malex.errors import DataFileError
 
@@ -15,7 +16,10 @@ NPZ_IMAGE_KEYS = ("x", "images", "x_test")
 
 
 def read_images(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Images from an .npy file or an .npz archive, validated for a model taking (C, H, W) inputs."""
+    """Images from an .npy file, an .npz archive or a folder of PNG/JPEG images (`read_image_folder`, its labels
+    dropped), validated for a model taking (C, H, W) inputs."""
+    if Path(path).is_dir():
+        return read_image_folder(path, size=tuple(shape[1:]), channels=shape[0])[0]
     arrays = load_arrays(path)
     key = next((k for k in ("",) + NPZ_IMAGE_KEYS if k in arrays), next(iter(arrays), None))
     if key is None:

@@ -106,6 +106,11 @@ def dataset_from_arrays(arrays: Mapping[str, np.ndarray], name: str, source: str
                    test=splits["test"], num_classes=num_classes, class_names=class_names)
 
 
+def is_dataset_folder(path: Path) -> bool:
+    """Whether `path` is a folder `load_dataset` reads (MNIST IDX files or CIFAR-10 python batches)."""
+    return path.is_dir() and (is_mnist_folder(path) or is_cifar_folder(path))
+
+
 def _load_path(path: Path, seed: int) -> Dataset:
     if path.is_dir():
         if is_mnist_folder(path):
