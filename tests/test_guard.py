@@ -133,6 +133,17 @@ def test_guard_file_layout_stays_format_version_1(setup, tmp_path):
         assert header["detectors"][name] == json.loads(json.dumps(exported_meta))
         assert {f"det/{name}/{k}" for k in tensors} | {f"cal/{name}"} <= names
     assert all(n.startswith(("det/", "cal/")) for n in names)
+    # a guard that knows its model's source adds one key at the end; a file without it (as above) loads as before
+    assert Guard.load(path, guard.model).source is None
+    guard.source = {"kind": "malex", "arch": "digits_cnn", "input_shape": [1, 8, 8]}
+    try:
+        with_source = guard.save(tmp_path / "with_source.safetensors")
+    finally:
+        guard.source = None
+    with safe_open(str(with_source), framework="pt") as f:
+        header = json.loads(f.metadata()["malex"])
+    assert list(header) == ["format", "version", "model_fingerprint", "config", "threshold", "detectors", "model"]
+    assert Guard.load(with_source, guard.model).source == header["model"]
 
 
 def test_verdict_kinds_come_from_each_detectors_declared_evidence(setup, monkeypatch):
