@@ -142,7 +142,10 @@ def source_kind(path: Path) -> str:
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError):
+    except (SafetensorError, OSError, ValueError) as exc:
+        if path.suffix.lower() == ".safetensors":
+            raise ModelFileError(f"{path}: not a readable safetensors file ({exc}); expected a malex model file "
+                                 "or safetensors weights") from exc
         return "state_dict"  # not safetensors: torch.load(weights_only=True) decides
     return "malex" if "malex" in meta else "state_dict"
 
