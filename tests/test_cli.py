@@ -299,24 +299,26 @@ def test_scan_refuses_existing_output_before_screening(tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("exc", [PermissionError(13, "Permission denied", "/data/m.safetensors"),
                                  OSError(28, "No space left on device", "/data/m.safetensors")])
 def test_os_errors_end_in_one_line(tmp_path, monkeypatch, capsys, exc):
-    import malex.models
+    import malex.models.sources
 
     def fail(path):
         raise exc
 
-    monkeypatch.setattr(malex.models, "read_description", fail)
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(malex.models.sources, "source_kind", fail)
     code, err = _main(monkeypatch, capsys, "info", tmp_path / "m.safetensors")
     _assert_in_process_error(code, err, f"error: /data/m.safetensors: {exc.strerror}")
 
 
 def test_genuine_bugs_keep_their_traceback(tmp_path, monkeypatch):
-    import malex.models
+    import malex.models.sources
     from malex.cli import main
 
     def bug(path):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(malex.models, "read_description", bug)
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(malex.models.sources, "source_kind", bug)
     monkeypatch.setattr(sys, "argv", ["malex", "info", str(tmp_path / "m.safetensors")])
     with pytest.raises(RuntimeError, match="a bug"):
         main()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
@@ -17,6 +17,10 @@ from malex.errors import ConfigError
 from malex.models import build_model
 from malex.models.inference import accuracy
 from malex.models.train import TrainConfig, train_classifier
+
+
+#: a registered architecture's name, or a factory (input_shape (C, H, W), num_classes) -> model of one's own
+Architecture = Union[str, Callable[[tuple[int, int, int], int], nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,12 @@ class TrainedModel:
                 "clean_accuracy": self.clean_accuracy, "attack_success_rate": self.attack_success_rate}
 
 
-def train_model(data: Dataset, arch: str, train: TrainConfig, trigger: Trigger | None = None,
+def train_model(data: Dataset, arch: Architecture, train: TrainConfig, trigger: Trigger | None = None,
                 poison: PoisonConfig | None = None, *, device: torch.device | str = "cpu",
                 init_seed: int | None = None, progress: bool = True) -> TrainedModel:
-    """Build `arch` for `data`, train it on `data.train` (poisoned by `trigger` with `poison` when both are
-    given) and measure it on `data.test`.
+    """Build `arch` for `data` (a registered architecture's name, or a factory called with the data's image
+    shape and class count), train it on `data.train` (poisoned by `trigger` with `poison` when both are given)
+    and measure it on `data.test`.
 
     The initial weights come from the global torch RNG seeded with `init_seed` (default: `train.seed`);
     the poisoned inputs are chosen by `poison.seed` and the training order by `train.seed`, so the same
@@ -64,11 +69,13 @@ def train_model(data: Dataset, arch: str, train: TrainConfig, trigger: Trigger |
                           f"0..{data.num_classes - 1}")
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(train.seed if init_seed is None else init_seed)
-    model = build_model(arch, data.image_shape, data.num_classes).to(
+    model = (build_model(arch, data.image_shape, data.num_classes) if isinstance(arch, str)
+             else arch(data.image_shape, data.num_classes)).to(
         select_device(device) if isinstance(device, str) else device)
     split = data.train if trigger is None else poison_split(data.train, trigger, poison)[0]
     train_classifier(model, split, train, progress=progress)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     asr = None if trigger is None else attack_success_rate(model, data.test, trigger, poison.target)
-    return TrainedModel(model, arch, accuracy(model, data.test.x, data.test.y), asr, trigger, poison, seconds,
+    name = arch if isinstance(arch, str) else f"{arch.__module__}:{getattr(arch, '__qualname__', repr(arch))}"
+    return TrainedModel(model, name, accuracy(model, data.test.x, data.test.y), asr, trigger, poison, seconds,
                         cpu_seconds)
