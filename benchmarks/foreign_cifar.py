@@ -42,6 +42,8 @@ from malex.models.inference import predict, predict_logits
 from malex.models.registry import CIFAR10_MEAN, CIFAR10_STD
 from malex.models.train import TrainConfig
 
+from foreign_head_speed import median_seconds  # benchmarks/ is on sys.path when run as a script
+
 RECIPE = TrainConfig(epochs=15, lr=0.002, batch_size=128, shift=4, seed=0)
 
 
@@ -98,15 +100,6 @@ def cached(name: str, cache: Path, data, arch, trigger=None) -> tuple[nn.Module,
     facts_path.write_text(f"{trained.clean_accuracy} {trained.attack_success_rate}")
     print(f"{name}: trained in {trained.seconds:.0f} s", flush=True)
     return trained.model, {"clean_accuracy": trained.clean_accuracy, "attack_success_rate": trained.attack_success_rate}
-
-
-def median_seconds(run, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main() -> None:
