@@ -22,7 +22,9 @@ def _no_hooks(model: nn.Module) -> bool:
 def test_default_layers_are_the_declared_probe_points(digits_model):
     assert default_layers(digits_model) == ["features.4", "head.2", "head.4"]
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3))
-    assert default_layers(plain) == ["0", "3"]
+    # a model without declared probe layers: traced stage outputs (anatomy.stage_layers), here only the
+    # activation that the dense layer reads, not the raw conv and dense outputs
+    assert default_layers(plain) == ["3:in"]
 
 
 def test_probe_captures_named_layers_with_shapes(digits_model):
