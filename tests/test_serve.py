@@ -429,30 +429,36 @@ def test_metrics_count_requests_latency_and_verdicts_per_app(client, files):
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def wait_until_serving(client: "httpx.Client", proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Poll /healthz until the service in `proc` answers 200; fail with its stderr if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the service did not start"
+        time.sleep(0.1)
+
+
 def test_cli_serve_starts_a_protected_service(files):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "malex.cli", "serve", str(files["guard"]), "--model",
                              str(files["model"]), "--port", str(port), "--protect", "--max-batch", "4",
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-        with httpx.Client(base_url=url, timeout=30) as c:
-            while True:
-                try:
-                    if c.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, proc.stderr.read().decode()
-                assert time.monotonic() < deadline, "the service did not start"
-                time.sleep(0.1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            wait_until_serving(c, proc)
             info = c.get("/v1/info").json()
             assert info["serve"] == {**info["serve"], "protect": True, "predict_endpoint": False, "max_batch": 4}
             res = screen(c, npy(files["noise"][:2].numpy()), "application/x-npy").json()["results"]

@@ -31,6 +31,7 @@ from malex.guard import Guard, GuardConfig
 from malex.models import build_model, load_model, save_model
 from malex.serve import BackgroundServer, ServeConfig, create_app
 from malex.serve import decode
+from test_serve import free_port, wait_until_serving
 from malex.serve.limits import body_limits, json_element_limits
 
 SHAPE = (1, 8, 8)
@@ -320,9 +321,7 @@ def test_docs_are_off_by_default_and_the_schema_stays(client, files):
 # ----------------------------------------------------------------------------------------- graceful shutdown
 
 def test_sigterm_answers_queued_requests_before_exit(files):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "malex.cli", "serve", str(files["guard"]), "--model",
                              str(files["model"]), "--port", str(port), "--max-batch", "8", "--max-wait-ms", "3000",
@@ -331,14 +330,7 @@ def test_sigterm_answers_queued_requests_before_exit(files):
     answers: list[int] = []
     try:
         with httpx.Client(base_url=url, timeout=60) as c:
-            for _ in range(600):
-                try:
-                    if c.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, proc.stderr.read().decode()
-                time.sleep(0.1)
+            wait_until_serving(c, proc)
 
             def send(i: int) -> None:
                 with httpx.Client(base_url=url, timeout=60) as own:
