@@ -23,7 +23,7 @@ FLOORS: tuple[frozenset[str], ...] = (
     frozenset({"malex.attacks", "malex.detectors"}),
     frozenset({"malex.guard"}),
     frozenset({"malex.report"}),
-    frozenset({"malex.evaluate", "malex.serve"}),
+    frozenset({"malex.evaluate", "malex.serve", "malex.scan"}),
     frozenset({"malex.cli"}),
 )
 

@@ -48,11 +48,11 @@ def _numbers(text: Optional[str], option: str, kind=float) -> Optional[tuple]:
         raise ConfigError(f"{option} {text!r}; expected comma-separated numbers") from exc
 
 
-def _load_model(model: Path, arch: Optional[str], arch_kwargs: Optional[str], input_shape: Optional[str],
-                mean: Optional[str], std: Optional[str], value_range: Optional[str], recorded: Optional[dict] = None):
-    """The model the shared options name (`malex.models.load`), completed by a guard's `recorded` source."""
+def _model_spec(model: Path, arch: Optional[str], arch_kwargs: Optional[str], input_shape: Optional[str],
+                mean: Optional[str], std: Optional[str], value_range: Optional[str]):
+    """The `malex.models.ModelSpec` the shared model options name."""
     from malex.errors import ConfigError
-    from malex.models import ModelSpec, Preprocessing, load
+    from malex.models import ModelSpec, Preprocessing
 
     try:
         kwargs = json.loads(arch_kwargs) if arch_kwargs is not None else {}
@@ -60,7 +60,15 @@ def _load_model(model: Path, arch: Optional[str], arch_kwargs: Optional[str], in
         raise ConfigError(f"--arch-kwargs is not valid JSON ({exc}); expected an object, e.g. '{{\"num_classes\": 10}}'") from exc
     prep = Preprocessing(_numbers(value_range, "--value-range") or (0.0, 1.0), _numbers(mean, "--mean"),
                          _numbers(std, "--std"))
-    spec = ModelSpec(model, arch, kwargs, _numbers(input_shape, "--input-shape", int), prep)
+    return ModelSpec(model, arch, kwargs, _numbers(input_shape, "--input-shape", int), prep)
+
+
+def _load_model(model: Path, arch: Optional[str], arch_kwargs: Optional[str], input_shape: Optional[str],
+                mean: Optional[str], std: Optional[str], value_range: Optional[str], recorded: Optional[dict] = None):
+    """The model the shared options name (`malex.models.load`), completed by a guard's `recorded` source."""
+    from malex.models import load
+
+    spec = _model_spec(model, arch, arch_kwargs, input_shape, mean, std, value_range)
     return load(spec.filled_from(recorded))
 
 
@@ -254,14 +262,44 @@ def fit(
               f"guard threshold {guard.threshold_.value:.3f} at {fpr:.0%} FPR; wrote {output}")
 
 
+def _scan_folder(source: str, out_dir: Path, spec, settings) -> None:
+    """`malex scan --out-dir`: the resumable scan into a folder of parts, and a summary on stderr."""
+    from malex.scan import scan_to_folder
+
+    report = scan_to_folder(source, spec, out_dir, settings)
+    err = Console(stderr=True)
+    err.print(f"{report.inputs} inputs in {report.parts} parts: {report.computed_inputs} screened now in "
+              f"{len(report.computed)} parts ({report.flagged} flagged), {report.skipped_parts} parts written by an "
+              f"earlier run; {report.computed_inputs / max(report.seconds, 1e-9):,.0f} inputs/s", highlight=False)
+    for name, workers in report.retried.items():
+        err.print(f"retried: {name} was begun by {', '.join(workers)}; written once, by the last", highlight=False)
+    if settings.ray is not None:
+        for worker, mib in sorted(report.peak_rss_mib().items()):
+            err.print(f"actor {worker}: peak memory {mib:,.0f} MiB", highlight=False)
+    out.print(f"wrote {report.folder}")
+
+
 @app.command()
 def scan(
     guard_file: Path = typer.Argument(..., help="A guard file from `malex fit`."),
-    inputs: Path = typer.Argument(..., help="Images as .npy or .npz (uint8 0..255 or float in [0, 1])."),
+    inputs: str = typer.Argument(..., help="Images as .npy or .npz (uint8 0..255 or float in [0, 1]) or a folder of "
+                                 "PNG/JPEG images; with --out-dir also a folder or glob of .npy/.npz shards, images "
+                                 "or Parquet files."),
     model: Path = typer.Option(..., "--model", help="The model file the guard was fitted for."),
-    fmt: str = typer.Option("csv", "--format", help="csv or jsonl."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="csv (default) or jsonl; with --out-dir parquet "
+                                      "(default) or jsonl."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write rows here instead of stdout."),
-    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out-dir", help="Stream the inputs a part at a time into this folder, one file per part with fixed "
+        "names; a rerun resumes, writing only the missing parts."),
+    part_size: int = typer.Option(4096, "--part-size", help="Inputs per part (with --out-dir)."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help="Screen on Ray (needs the ray extra and --out-dir): bare --ray or 'local' starts Ray on "
+        "this machine, 'auto' joins its running cluster, or give a cluster address (ray://HOST:10001)."),
+    actors: int = typer.Option(2, "--actors", help="Ray actors, each loading the model and guard once."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar (with --out-dir)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists; with --out-dir, start over "
+                               "a folder holding another scan."),
     guard_key_file: Optional[Path] = GUARD_KEY_FILE,
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
     mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
@@ -272,6 +310,20 @@ def scan(
     from malex.guard import Guard
     from malex.report.rows import write_rows
 
+    if out_dir is not None or ray is not None:
+        from malex.guard.spec import GuardSpec
+        from malex.scan import ScanSettings
+
+        if out_dir is None or output is not None:
+            raise ConfigError("--ray writes a folder of parts: give --out-dir (and no --output)" if out_dir is None
+                              else "give --out-dir or --output, not both")
+        check_folder(out_dir)
+        settings = ScanSettings(fmt or "parquet", part_size, ray, actors, not quiet, force)
+        spec = GuardSpec(guard_file, _model_spec(model, arch, arch_kwargs, input_shape, mean, std, value_range),
+                         _guard_key(guard_key_file))
+        _scan_folder(inputs, out_dir, spec, settings)
+        return
+    fmt = fmt or "csv"
     if fmt not in ("csv", "jsonl"):
         raise ConfigError(f"unknown format {fmt!r}; expected csv or jsonl")
     if output is not None:
@@ -279,7 +331,7 @@ def scan(
     key = _guard_key(guard_key_file)
     net = _guarded_model(guard_file, key, model, arch, arch_kwargs, input_shape, mean, std, value_range)
     guard = Guard.load(guard_file, net, key=key)
-    result = guard.screen(read_images(inputs, net.input_shape))
+    result = guard.screen(read_images(Path(inputs), net.input_shape))
     if output is None:
         write_rows(result.rows(), sys.stdout, fmt)
     else:
@@ -441,13 +493,24 @@ def error_line(exc: Exception) -> str:
     return f"error: {' '.join(str(exc).split())}"
 
 
+def with_bare_value(argv: list[str], option: str, value: str) -> list[str]:
+    """`argv` with `value` after each `option` given bare (last, or followed by another option): click options
+    take a value or none, never an optional one, and `--ray` alone means a Ray instance on this machine."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == option and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(value)
+    return out
+
+
 def main() -> None:
     """Entry point: run the app; turn expected errors (malex's own, and the operating system's: a missing,
     read-only or full disk or folder) into one line on stderr and exit status 2. Other exceptions are bugs
     and keep their traceback."""
     err = Console(stderr=True)
     try:
-        app()
+        app(args=with_bare_value(sys.argv[1:], "--ray", "local"))
     except (MalexError, OSError) as exc:
         err.print(error_line(exc), markup=False, highlight=False, soft_wrap=True, style="red")
         sys.exit(2)
