@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,18 +108,19 @@ class ScanFolder:
                 f.unlink()
 
     def begin(self, part: str, worker: str) -> None:
-        """Note that `worker` has begun `part` (an empty file named for both)."""
+        """Note that `worker` has begun `part` (an empty file named for both and the time, so that a worker
+        beginning a part twice leaves two notes)."""
         notes = self.path / ATTEMPTS
         notes.mkdir(exist_ok=True)
-        (notes / f"{part}@{worker.replace('/', '_')}").touch()
+        (notes / f"{part}@{worker.replace('/', '_').replace('@', '_')}@{time.time_ns()}").touch()
 
     def attempts(self) -> dict[str, list[str]]:
         """The workers that began each part (in the order of their notes' times)."""
         found: dict[str, list[str]] = {}
         notes = self.path / ATTEMPTS
         if notes.is_dir():
-            for f in sorted(notes.iterdir(), key=lambda f: f.stat().st_mtime_ns):
-                part, _, worker = f.name.partition("@")
+            for f in sorted(notes.iterdir(), key=lambda f: int(f.name.rpartition("@")[2] or 0)):
+                part, worker, _ = f.name.split("@")
                 found.setdefault(part, []).append(worker)
         return found
 
