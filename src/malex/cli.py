@@ -267,7 +267,7 @@ def _scan_folder(source: str, out_dir: Path, spec, settings) -> None:
     from malex.scan import scan_to_folder
 
     report = scan_to_folder(source, spec, out_dir, settings)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     err.print(f"{report.inputs} inputs in {report.parts} parts: {report.computed_inputs} screened now in "
               f"{len(report.computed)} parts ({report.flagged} flagged), {report.skipped_parts} parts written by an "
               f"earlier run; {report.computed_inputs / max(report.seconds, 1e-9):,.0f} inputs/s", highlight=False)
