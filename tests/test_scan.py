@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from malex.errors import ConfigError, DataFileError
+from malex.errors import ConfigError, DataFileError, InputError
 from malex.guard import Guard, GuardConfig
 from malex.guard.spec import GuardSpec
 from malex.models import ModelSpec, save_model
@@ -171,3 +171,37 @@ def test_scan_on_ray_gives_the_rows_and_scores_of_the_local_scan(scanned, tmp_pa
     for name in SCORES:  # the same parts, screened the same way in another process: the same numbers
         np.testing.assert_array_equal(on_ray[name], here[name])
     _check_rows(on_ray, scanned)
+
+
+def test_parquet_sources_of_encoded_images_and_of_numbers(scanned, tmp_path):
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    x = (scanned["inputs"][:, 0].numpy() * 255).round().astype(np.uint8)[:20]
+
+    def png(a):
+        buffer = io.BytesIO()
+        Image.fromarray(a).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    source = tmp_path / "source"
+    source.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": png(a), "path": f"{i}.png"} for i, a in enumerate(x)]}),
+                   source / "hf.parquet", row_group_size=6)  # Hugging Face datasets' layout
+    pq.write_table(pa.table({"id": list(range(20)), "x": [a.reshape(-1).tolist() for a in x]}),
+                   source / "flat.parquet", row_group_size=7)  # Python ints: int64 pixels in 0..255
+    pq.write_table(pa.table({"image": [a.tolist() for a in x / 255.0]}), source / "nested.parquet")  # (H, W) floats
+    report = scan_to_folder(str(source), scanned["spec"], tmp_path / "out", ScanSettings(part_size=8, progress=False))
+    table = _rows(tmp_path / "out")
+    assert table["source"][::20] == [str(source / f) for f in ("flat.parquet", "hf.parquet", "nested.parquet")]
+    assert report.inputs == 60 and report.parts == 9
+    expected = scanned["guard"].screen(scanned["inputs"][:20])
+    for half in (slice(0, 20), slice(20, 40), slice(40, 60)):  # flat, hf, nested (sorted names)
+        assert table["index"][half] == list(range(20))
+        np.testing.assert_array_equal(table["prediction"][half], expected.prediction)
+        np.testing.assert_allclose(table["guard_score"][half], expected.guard_score, rtol=1e-5, atol=1e-6)
+    pq.write_table(pa.table({"x": [[300] * 64]}), source / "flat.parquet")
+    with pytest.raises(InputError, match="integer pixels span 300..300; expected 0..255"):
+        scan_to_folder(str(source), scanned["spec"], tmp_path / "out2", ScanSettings(progress=False))

@@ -449,6 +449,10 @@ def study(
     attacks: Optional[list[str]] = typer.Option(None, "--attack",
                                                 help="Compute only this attack's cells (repeatable)."),
     seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Compute only this seed's cells (repeatable)."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help="Run the grid as Ray tasks, one per model (needs the ray extra): bare --ray or 'local' "
+        "starts Ray on this machine, 'auto' joins its running cluster, or give a cluster address."),
+    workers: int = typer.Option(2, "--workers", help="Ray tasks at a time (one CPU each)."),
 ) -> None:
     """Run (or resume) a study grid: datasets x attacks x detectors x seeds, with tables and a report.
 
@@ -464,7 +468,17 @@ def study(
     log = None if quiet else (lambda msg: err.print(msg, markup=False, highlight=False))
     runner = Study(cfg, target, progress=not quiet, log=log)
     select = Selection.of(datasets or (), attacks or (), seeds or ())
-    result = runner.run(config.read_text(encoding="utf-8"), report=not no_report, select=select)
+    if ray is None:
+        result = runner.run(config.read_text(encoding="utf-8"), report=not no_report, select=select)
+    else:
+        from malex.evaluate.study.on_ray import run_study_on_ray
+
+        result, tasks = run_study_on_ray(runner, config.read_text(encoding="utf-8"), ray, workers, select,
+                                         report=not no_report)
+        longest = max(tasks, key=lambda t: t.seconds, default=None)
+        if longest is not None:
+            out.print(f"{len(tasks)} Ray task(s), {sum(t.seconds for t in tasks):.0f} task-seconds in all; the longest, "
+                      f"{longest.task.label}, took {longest.seconds:.0f} s")
     done, missing = runner.results()
     for table in rich_tables(summarise(done)):
         print_table(table)

@@ -20,7 +20,7 @@ from malex.data.images import IMAGE_SUFFIXES, MAX_PIXELS, decode_image, pillow
 from malex.data.inputs import NPZ_IMAGE_KEYS
 from malex.data.npy import NpyHeader, read_npy_header
 from malex.data.validate import to_nchw_float
-from malex.errors import ConfigError, DataFileError
+from malex.errors import ConfigError, DataFileError, InputError
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -147,38 +147,57 @@ def _array_rows(stream, header: NpyHeader, start: int, stop: int, where: str) ->
     return np.frombuffer(data, dtype=header.dtype).reshape((stop - start, *header.shape[1:])).copy()
 
 
-def _parquet_rows(shard: Shard, start: int, stop: int) -> list:
-    """Values of the image column for rows [start, stop), reading only the row groups that hold them."""
-    pq = _parquet()
-    handle = pq.ParquetFile(shard.path)
-    values, first = [], 0
+def _parquet_rows(shard: Shard, start: int, stop: int):
+    """The image column's rows [start, stop) as one Arrow array, reading only the row groups that hold them."""
+    import pyarrow as pa
+
+    handle = _parquet().ParquetFile(shard.path)
+    chunks, first = [], 0
     for group in range(handle.num_row_groups):
         count = handle.metadata.row_group(group).num_rows
         if first < stop and first + count > start:
             column = handle.read_row_group(group, columns=[shard.key]).column(0)
-            values.extend(column.slice(max(start - first, 0), min(stop, first + count) - max(start, first))
-                          .to_pylist())
+            chunks.append(column.slice(max(start - first, 0), min(stop, first + count) - max(start, first)))
         first += count
-    return values
+    return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=chunks[0].type).combine_chunks()
 
 
-def _from_parquet_values(values: list, shard: Shard, shape: tuple[int, int, int]) -> np.ndarray | list:
-    """Encoded images (bytes, or {'bytes': ...} as Hugging Face datasets store them) or nested numbers."""
-    first = values[0]
-    if isinstance(first, dict) and "bytes" in first:
-        values = [v["bytes"] for v in values]
-        first = values[0]
-    if isinstance(first, (bytes, bytearray)):
+def _from_parquet_values(values, shard: Shard, shape: tuple[int, int, int], where: str) -> np.ndarray:
+    """(N, C, H, W) or (N, H, W[, C]) images from an Arrow array of encoded images (binary, or Hugging Face
+    datasets' {bytes, path} structs) or of numbers per image (nested lists, or flat C*H*W); whole numbers in
+    0..255 are 8-bit pixels."""
+    import pyarrow as pa
+
+    kind = values.type
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        values, kind = values.field("bytes"), kind.field("bytes").type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         image = pillow()
-        return [decode_image(image, io.BytesIO(v), f"{shard.path} row", shape[0], tuple(shape[1:]), False, MAX_PIXELS,
-                             "the model's size") for v in values]
-    try:
-        array = np.asarray(values)
-    except ValueError as exc:
-        raise DataFileError(f"{shard.path}: column {shard.key} holds rows of different shapes; expected images") from exc
-    if array.ndim == 2 and array.shape[1] == math.prod(shape):  # flattened C*H*W rows
-        array = array.reshape((-1, *shape))
-    return array
+        return np.stack([decode_image(image, io.BytesIO(v.as_py()), f"{where} row {start_row}", shape[0],
+                                      tuple(shape[1:]), False, MAX_PIXELS, "the model's size")
+                         for start_row, v in enumerate(values)])
+    dims = []
+    while pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        dims.append(values)
+        values, kind = values.flatten(), kind.value_type
+    if not dims or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        raise DataFileError(f"{where}: column {shard.key} is {values.type}; expected encoded PNG/JPEG bytes or "
+                            "lists of numbers")
+    flat = np.array(values.to_numpy(zero_copy_only=False))  # a writable copy (Arrow buffers are read-only)
+    n = len(dims[0])
+    sizes = [len(dims[i + 1]) // max(len(dims[i]), 1) for i in range(len(dims) - 1)] + [len(values) // max(len(dims[-1]), 1)]
+    if n == 0 or math.prod(sizes) * n != flat.size:
+        raise DataFileError(f"{where}: column {shard.key} holds images of different sizes")
+    if pa.types.is_integer(kind):
+        if flat.min() < 0 or flat.max() > 255:
+            raise InputError(f"{where}: integer pixels span {flat.min()}..{flat.max()}; expected 0..255")
+        flat = flat.astype(np.uint8)
+    if len(sizes) > 1:  # nested: the image's own layout, (H, W), (C, H, W) or (H, W, C)
+        return flat.reshape((n, *sizes))
+    if sizes[0] != math.prod(shape):
+        raise InputError(f"{where}: {sizes[0]} numbers per image; expected {math.prod(shape)} "
+                         f"(C, H, W = {', '.join(map(str, shape))}, flattened in that order)")
+    return flat.reshape((n, *shape))
 
 
 def read_rows(shard: Shard, start: int, stop: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -187,10 +206,8 @@ def read_rows(shard: Shard, start: int, stop: int, shape: tuple[int, int, int]) 
     if not 0 <= start < stop <= shard.rows:
         raise ConfigError(f"{where}: outside the shard's {shard.rows} rows")
     if shard.kind == "parquet":
-        array = _from_parquet_values(_parquet_rows(shard, start, stop), shard, shape)
-        if isinstance(array, list):
-            return to_nchw_float(np.stack(array), channels=shape[0], source=where)
-        return to_nchw_float(array, shape=shape, source=where)
+        array = _from_parquet_values(_parquet_rows(shard, start, stop), shard, shape, where)
+        return to_nchw_float(array, shape=shape, channels=shape[0], source=where)
     if shard.kind == "npy":
         with open(shard.path, "rb") as handle:
             array = _array_rows(handle, _header(handle, shard.path), start, stop, where)

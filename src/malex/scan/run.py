@@ -53,12 +53,19 @@ class ScanReport:
     def flagged(self) -> int:
         return sum(d.flagged for d in self.computed)
 
+    def _per_worker(self, field_name: str) -> dict[str, float]:
+        most: dict[str, float] = {}
+        for d in self.computed:
+            most[d.worker] = max(most.get(d.worker, 0.0), getattr(d, field_name))
+        return most
+
     def peak_rss_mib(self) -> dict[str, float]:
         """Each worker's peak resident memory (MiB), as its last finished part reported it."""
-        peaks: dict[str, float] = {}
-        for d in self.computed:
-            peaks[d.worker] = max(peaks.get(d.worker, 0.0), d.peak_rss_mib)
-        return peaks
+        return self._per_worker("peak_rss_mib")
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """Each worker's CPU time (s) up to its last finished part, its start and the guard's loading included."""
+        return self._per_worker("cpu_s")
 
 
 def manifest(spec: GuardSpec, shards: list, settings: ScanSettings) -> dict:

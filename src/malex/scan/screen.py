@@ -16,13 +16,15 @@ from malex.scan.parts import Part
 
 @dataclass(frozen=True)
 class PartDone:
-    """What screening one part gave: its name, inputs, flagged inputs, the worker and its peak memory so far."""
+    """What screening one part gave: its name, inputs, flagged inputs, the worker, and the worker's peak memory
+    and CPU time (user + system) so far."""
 
     name: str
     rows: int
     flagged: int
     worker: str
     peak_rss_mib: float
+    cpu_s: float
 
 
 def worker_name() -> str:
@@ -33,6 +35,12 @@ def worker_name() -> str:
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far (user + system, every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def screen_columns(guard: Guard, part: Part) -> dict[str, list | np.ndarray]:
@@ -52,4 +60,4 @@ def process_part(guard: Guard, part: Part, folder: ScanFolder) -> PartDone:
     columns = screen_columns(guard, part)
     folder.write(part.name, columns)
     flagged = sum(v != BENIGN for v in columns["verdict"])
-    return PartDone(part.name, len(part), int(flagged), worker, peak_rss_mib())
+    return PartDone(part.name, len(part), int(flagged), worker, peak_rss_mib(), cpu_seconds())
