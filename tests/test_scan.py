@@ -152,17 +152,12 @@ def test_cli_scan_out_dir_and_ray_without_ray(scanned, tmp_path, monkeypatch, ca
     assert info.value.code == 2 and "\n" not in err and "pip install 'malex[ray]'" in err, err
 
 
-def test_scan_on_ray_gives_the_rows_and_scores_of_the_local_scan(scanned, tmp_path):
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'malex[ray]')")
+def test_scan_on_ray_gives_the_rows_and_scores_of_the_local_scan(scanned, tmp_path, ray_local):
     local = scan_to_folder(str(scanned["source"]), scanned["spec"], tmp_path / "local",
                            ScanSettings(part_size=50, progress=False))
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=100 * 2**20,
-             log_to_driver=False, logging_level="WARNING")
-    try:
-        report = scan_to_folder(str(scanned["source"]), scanned["spec"], tmp_path / "ray",
-                                ScanSettings(part_size=50, progress=False, ray="local", actors=2))
-    finally:
-        ray.shutdown()
+    report = scan_to_folder(str(scanned["source"]), scanned["spec"], tmp_path / "ray",
+                            ScanSettings(part_size=50, progress=False, ray="local", actors=2))
+    assert ray_local.is_initialized()  # the scan used the running instance and left it running
     assert sorted(d.name for d in report.computed) == sorted(d.name for d in local.computed)
     assert all(d.worker != local.computed[0].worker for d in report.computed)  # screened by the actors
     on_ray, here = _rows(tmp_path / "ray"), _rows(tmp_path / "local")

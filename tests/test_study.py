@@ -316,20 +316,14 @@ def test_floor_and_claim_tables_compare_the_right_rows():
     assert claim[1][0].startswith("adversarial") and claim[1][2].startswith("0.800") and claim[1][4].startswith("0.950")
 
 
-def test_the_grid_on_ray_gives_the_tables_of_the_local_run(study_run, tmp_path):
+def test_the_grid_on_ray_gives_the_tables_of_the_local_run(study_run, tmp_path, ray_local):
     """Two Ray workers (a local instance on loopback), one task per model: the same cells, tables and analyses
-    as the local run, and a rerun of either kind reads the other's artifacts."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'malex[ray]')")
+    as the local run, and a local rerun reads the Ray run's artifacts."""
     from malex.evaluate.study.on_ray import model_tasks, run_study_on_ray
 
     config = parse_config(shrunk_raw())
     assert [(t.key, t.attacks) for t in model_tasks(config)] == [("clean", ("fgsm", "cw")), ("badnets", ("badnets",))]
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=100 * 2**20,
-             log_to_driver=False, logging_level="WARNING")
-    try:
-        run, tasks = run_study_on_ray(Study(config, tmp_path / "out", progress=False), None, "local", 2, report=False)
-    finally:
-        ray.shutdown()
+    run, tasks = run_study_on_ray(Study(config, tmp_path / "out", progress=False), None, "local", 2, report=False)
     assert sorted(c.attack for c in run.computed) == ["badnets", "cw", "fgsm"] and len(tasks) == 2
     assert all(t.worker != f"{socket.gethostname()}:{os.getpid()}" for t in tasks)  # run by Ray workers
     for table in ("results.csv", "summary.csv", "results.md"):
