@@ -332,3 +332,18 @@ def test_the_grid_on_ray_gives_the_tables_of_the_local_run(study_run, tmp_path, 
         sorted(p.name for p in (study_run["out"] / "analysis").rglob("*.safetensors"))
     again = Study(config, tmp_path / "out", progress=False).run(report=False)
     assert again.computed == [] and again.counts["models_trained"] == 0  # a local rerun redoes nothing
+
+
+def test_cli_study_on_ray_without_ray_is_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from malex.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.setattr(sys, "argv", ["malex", "study", str(CONFIGS / "digits.toml"), "--out", str(tmp_path / "out"),
+                                      "--ray", "--quiet"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and "pip install 'malex[ray]'" in err, err
+    assert not (tmp_path / "out").exists()  # refused before the folder was claimed

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from malex.cluster import import_ray
 from malex.data.shards import list_shards
 from malex.errors import ConfigError
 from malex.guard.spec import GuardSpec
@@ -81,6 +82,8 @@ def scan_to_folder(source: str, spec: GuardSpec, out: Path, settings: ScanSettin
     file of rows per part into `out`; a rerun writes only the parts that have no file yet."""
     began = time.perf_counter()
     folder = ScanFolder(Path(out), check_format(settings.fmt))
+    if settings.ray is not None:
+        import_ray()  # without Ray: one line naming the extra, before any work
     guard = spec.load()  # here too under Ray: a bad guard, model or key is one line before any actor starts
     if guard.input_shape is None:
         raise ConfigError(f"{spec.model.path} records no input shape and neither does the guard; give --input-shape")
@@ -94,7 +97,7 @@ def scan_to_folder(source: str, spec: GuardSpec, out: Path, settings: ScanSettin
             for part in pending:
                 report.computed.append(process_part(guard, part, folder))
                 advance(len(part))
-        else:
+        elif pending:  # nothing left to do starts no Ray
             from malex.scan.on_ray import run_on_ray
 
             del guard  # the actors load their own
