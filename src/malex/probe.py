@@ -62,10 +62,15 @@ def default_layers(model: nn.Module) -> list[str]:
     """The model's own `probe_layers` when it declares them, else its stage outputs and penultimate features
     (`malex.models.anatomy.stage_layers`; every Conv2d and Linear output, with a warning, when it cannot be
     traced)."""
+    return chosen_layers(model)[0]
+
+
+def chosen_layers(model: nn.Module) -> tuple[list[str], str]:
+    """`default_layers` and why they were chosen (for `malex info`)."""
     declared = getattr(model, "probe_layers", None)
     if declared:
-        return list(declared)
-    return stage_layers(model)[0]
+        return list(declared), f"declared by the model ({type(model).__name__}.probe_layers)"
+    return stage_layers(model)
 
 
 class Probe:
