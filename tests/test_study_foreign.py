@@ -102,3 +102,12 @@ def test_wrong_class_count_is_a_config_error():
     network = Trainable(FACTORY, {**KWARGS, "num_classes": 7})
     with pytest.raises(ConfigError, match="gives 7 logits; the data has 10 classes"):
         network.build((1, 8, 8), 10)
+
+
+def test_the_shipped_own_model_config_parses(monkeypatch):
+    from malex.evaluate.study import load_config
+
+    monkeypatch.chdir(ROOT)
+    ds = load_config(ROOT / "configs" / "own_model_digits.toml").dataset("digits")
+    assert ds.network.foreign and ds.network.preprocessing.mean == (0.3,)
+    assert ds.model_keys == ("clean", "badnets", "blend")
