@@ -76,3 +76,14 @@ def fit_and_score():
         return {k: det.score(probe.run(sets[k])) for k in kinds}
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One Ray instance for the session's Ray tests (2 CPUs, loopback only, no dashboard), shut down at the end;
+    the tests that ask for it are skipped when Ray is not installed."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'malex[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=100 * 2**20,
+             log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

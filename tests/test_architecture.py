@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: metrics) is split into three so that its arrows are checked too.
 FLOORS: tuple[frozenset[str], ...] = (
     frozenset({"malex.errors"}),
-    frozenset({"malex", "malex.device", "malex.progress", "malex.atomic", "malex.calibration"}),
+    frozenset({"malex", "malex.device", "malex.progress", "malex.atomic", "malex.calibration", "malex.cluster"}),
     frozenset({"malex.metrics"}),
     frozenset({"malex.data"}),
     frozenset({"malex.models"}),
@@ -23,7 +23,7 @@ FLOORS: tuple[frozenset[str], ...] = (
     frozenset({"malex.attacks", "malex.detectors"}),
     frozenset({"malex.guard"}),
     frozenset({"malex.report"}),
-    frozenset({"malex.evaluate", "malex.serve"}),
+    frozenset({"malex.evaluate", "malex.serve", "malex.scan"}),
     frozenset({"malex.cli"}),
 )
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +314,36 @@ def test_floor_and_claim_tables_compare_the_right_rows():
     _, claim = claim_table(summary, "d", floors)
     assert claim[0][0].startswith("backdoor") and claim[0][2].startswith("0.970")
     assert claim[1][0].startswith("adversarial") and claim[1][2].startswith("0.800") and claim[1][4].startswith("0.950")
+
+
+def test_the_grid_on_ray_gives_the_tables_of_the_local_run(study_run, tmp_path, ray_local):
+    """Two Ray workers (a local instance on loopback), one task per model: the same cells, tables and analyses
+    as the local run, and a local rerun reads the Ray run's artifacts."""
+    from malex.evaluate.study.on_ray import model_tasks, run_study_on_ray
+
+    config = parse_config(shrunk_raw())
+    assert [(t.key, t.attacks) for t in model_tasks(config)] == [("clean", ("fgsm", "cw")), ("badnets", ("badnets",))]
+    run, tasks = run_study_on_ray(Study(config, tmp_path / "out", progress=False), None, "local", 2, report=False)
+    assert sorted(c.attack for c in run.computed) == ["badnets", "cw", "fgsm"] and len(tasks) == 2
+    assert all(t.worker != f"{socket.gethostname()}:{os.getpid()}" for t in tasks)  # run by Ray workers
+    for table in ("results.csv", "summary.csv", "results.md"):
+        assert (tmp_path / "out" / table).read_text() == (study_run["out"] / table).read_text(), table
+    assert sorted(p.name for p in (tmp_path / "out" / "analysis").rglob("*.safetensors")) == \
+        sorted(p.name for p in (study_run["out"] / "analysis").rglob("*.safetensors"))
+    again = Study(config, tmp_path / "out", progress=False).run(report=False)
+    assert again.computed == [] and again.counts["models_trained"] == 0  # a local rerun redoes nothing
+
+
+def test_cli_study_on_ray_without_ray_is_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from malex.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.setattr(sys, "argv", ["malex", "study", str(CONFIGS / "digits.toml"), "--out", str(tmp_path / "out"),
+                                      "--ray", "--quiet"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and "pip install 'malex[ray]'" in err, err
+    assert not (tmp_path / "out").exists()  # refused before the folder was claimed

@@ -58,11 +58,11 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _load_model(model: Path, arch: Optional[str], arch_kwargs: Optional[str], input_shape: Optional[str],
-                mean: Optional[str], std: Optional[str], value_range: Optional[str], recorded: Optional[dict] = None):
-    """The model the shared options name (`malex.models.load`), completed by a guard's `recorded` source."""
+def _model_spec(model: Path, arch: Optional[str], arch_kwargs: Optional[str], input_shape: Optional[str],
+                mean: Optional[str], std: Optional[str], value_range: Optional[str]):
+    """The `malex.models.ModelSpec` the shared model options name."""
     from malex.errors import ConfigError
-    from malex.models import ModelSpec, Preprocessing, load
+    from malex.models import ModelSpec, Preprocessing
 
     try:
         kwargs = json.loads(arch_kwargs) if arch_kwargs is not None else {}
@@ -70,7 +70,15 @@ def _load_model(model: Path, arch: Optional[str], arch_kwargs: Optional[str], in
         raise ConfigError(f"--arch-kwargs is not valid JSON ({exc}); expected an object, e.g. '{{\"num_classes\": 10}}'") from exc
     prep = Preprocessing(_numbers(value_range, "--value-range") or (0.0, 1.0), _numbers(mean, "--mean"),
                          _numbers(std, "--std"))
-    spec = ModelSpec(model, arch, kwargs, _numbers(input_shape, "--input-shape", int), prep)
+    return ModelSpec(model, arch, kwargs, _numbers(input_shape, "--input-shape", int), prep)
+
+
+def _load_model(model: Path, arch: Optional[str], arch_kwargs: Optional[str], input_shape: Optional[str],
+                mean: Optional[str], std: Optional[str], value_range: Optional[str], recorded: Optional[dict] = None):
+    """The model the shared options name (`malex.models.load`), completed by a guard's `recorded` source."""
+    from malex.models import load
+
+    spec = _model_spec(model, arch, arch_kwargs, input_shape, mean, std, value_range)
     return load(spec.filled_from(recorded))
 
 
@@ -275,14 +283,44 @@ def fit(
               f"guard threshold {guard.threshold_.value:.3f} at {fpr:.0%} FPR; wrote {output}")
 
 
+def _scan_folder(source: str, out_dir: Path, spec, settings) -> None:
+    """`malex scan --out-dir`: the resumable scan into a folder of parts, and a summary on stderr."""
+    from malex.scan import scan_to_folder
+
+    report = scan_to_folder(source, spec, out_dir, settings)
+    err = Console(stderr=True, soft_wrap=True)
+    err.print(f"{report.inputs} inputs in {report.parts} parts: {report.computed_inputs} screened now in "
+              f"{len(report.computed)} parts ({report.flagged} flagged), {report.skipped_parts} parts written by an "
+              f"earlier run; {report.computed_inputs / max(report.seconds, 1e-9):,.0f} inputs/s", highlight=False)
+    for name, workers in report.retried.items():
+        err.print(f"retried: {name} was begun by {', '.join(workers)}; written once, by the last", highlight=False)
+    if settings.ray is not None:
+        for worker, mib in sorted(report.peak_rss_mib().items()):
+            err.print(f"actor {worker}: peak memory {mib:,.0f} MiB", highlight=False)
+    out.print(f"wrote {report.folder}")
+
+
 @app.command()
 def scan(
     guard_file: Path = typer.Argument(..., help="A guard file from `malex fit`."),
-    inputs: Path = typer.Argument(..., help="Images as .npy or .npz (uint8 0..255 or float in [0, 1])."),
+    inputs: str = typer.Argument(..., help="Images as .npy or .npz (uint8 0..255 or float in [0, 1]) or a folder of "
+                                 "PNG/JPEG images; with --out-dir also a folder or glob of .npy/.npz shards, images "
+                                 "or Parquet files."),
     model: Path = typer.Option(..., "--model", help="The model file the guard was fitted for."),
-    fmt: str = typer.Option("csv", "--format", help="csv or jsonl."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="csv (default) or jsonl; with --out-dir parquet "
+                                      "(default) or jsonl."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write rows here instead of stdout."),
-    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out-dir", help="Stream the inputs a part at a time into this folder, one file per part with fixed "
+        "names; a rerun resumes, writing only the missing parts."),
+    part_size: int = typer.Option(4096, "--part-size", help="Inputs per part (with --out-dir)."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help="Screen on Ray (needs the ray extra and --out-dir): bare --ray or 'local' starts Ray on "
+        "this machine, 'auto' joins its running cluster, or give a cluster address (ray://HOST:10001)."),
+    actors: int = typer.Option(2, "--actors", help="Ray actors, each loading the model and guard once."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar (with --out-dir)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists; with --out-dir, start over "
+                               "a folder holding another scan."),
     guard_key_file: Optional[Path] = GUARD_KEY_FILE,
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
     mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
@@ -294,6 +332,20 @@ def scan(
     from malex.guard import Guard
     from malex.report.rows import write_rows
 
+    if out_dir is not None or ray is not None:
+        from malex.guard.spec import GuardSpec
+        from malex.scan import ScanSettings
+
+        if out_dir is None or output is not None:
+            raise ConfigError("--ray writes a folder of parts: give --out-dir (and no --output)" if out_dir is None
+                              else "give --out-dir or --output, not both")
+        check_folder(out_dir)
+        settings = ScanSettings(fmt or "parquet", part_size, ray, actors, not quiet, force)
+        spec = GuardSpec(guard_file, _model_spec(model, arch, arch_kwargs, input_shape, mean, std, value_range),
+                         _guard_key(guard_key_file))
+        _scan_folder(inputs, out_dir, spec, settings)
+        return
+    fmt = fmt or "csv"
     if fmt not in ("csv", "jsonl"):
         raise ConfigError(f"unknown format {fmt!r}; expected csv or jsonl")
     if output is not None:
@@ -301,7 +353,7 @@ def scan(
     key = _guard_key(guard_key_file)
     net = _guarded_model(guard_file, key, model, arch, arch_kwargs, input_shape, mean, std, value_range)
     guard = Guard.load(guard_file, net, key=key)
-    result = guard.screen(read_images(inputs, net.input_shape, resize))
+    result = guard.screen(read_images(Path(inputs), net.input_shape, resize))
     if output is None:
         write_rows(result.rows(), sys.stdout, fmt)
     else:
@@ -420,6 +472,10 @@ def study(
     attacks: Optional[list[str]] = typer.Option(None, "--attack",
                                                 help="Compute only this attack's cells (repeatable)."),
     seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Compute only this seed's cells (repeatable)."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help="Run the grid as Ray tasks, one per model (needs the ray extra): bare --ray or 'local' "
+        "starts Ray on this machine, 'auto' joins its running cluster, or give a cluster address."),
+    workers: int = typer.Option(2, "--workers", help="Ray tasks at a time (one CPU each)."),
 ) -> None:
     """Run (or resume) a study grid: datasets x attacks x detectors x seeds, with tables and a report.
 
@@ -435,7 +491,17 @@ def study(
     log = None if quiet else (lambda msg: err.print(msg, markup=False, highlight=False))
     runner = Study(cfg, target, progress=not quiet, log=log)
     select = Selection.of(datasets or (), attacks or (), seeds or ())
-    result = runner.run(config.read_text(encoding="utf-8"), report=not no_report, select=select)
+    if ray is None:
+        result = runner.run(config.read_text(encoding="utf-8"), report=not no_report, select=select)
+    else:
+        from malex.evaluate.study.on_ray import run_study_on_ray
+
+        result, tasks = run_study_on_ray(runner, config.read_text(encoding="utf-8"), ray, workers, select,
+                                         report=not no_report)
+        longest = max(tasks, key=lambda t: t.seconds, default=None)
+        if longest is not None:
+            out.print(f"{len(tasks)} Ray task(s), {sum(t.seconds for t in tasks):.0f} task-seconds in all; the longest, "
+                      f"{longest.task.label}, took {longest.seconds:.0f} s")
     done, missing = runner.results()
     for table in rich_tables(summarise(done)):
         print_table(table)
@@ -464,13 +530,24 @@ def error_line(exc: Exception) -> str:
     return f"error: {' '.join(str(exc).split())}"
 
 
+def with_bare_value(argv: list[str], option: str, value: str) -> list[str]:
+    """`argv` with `value` after each `option` given bare (last, or followed by another option): click options
+    take a value or none, never an optional one, and `--ray` alone means a Ray instance on this machine."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == option and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(value)
+    return out
+
+
 def main() -> None:
     """Entry point: run the app; turn expected errors (malex's own, and the operating system's: a missing,
     read-only or full disk or folder) into one line on stderr and exit status 2. Other exceptions are bugs
     and keep their traceback."""
     err = Console(stderr=True)
     try:
-        app()
+        app(args=with_bare_value(sys.argv[1:], "--ray", "local"))
     except (MalexError, OSError) as exc:
         err.print(error_line(exc), markup=False, highlight=False, soft_wrap=True, style="red")
         sys.exit(2)

@@ -21,7 +21,7 @@ EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX
 MAX_PIXELS = 1 << 25
 
 
-def _pillow():
+def pillow():
     """Pillow's Image module, or a one-line `ConfigError` naming the extra that brings it."""
     try:
         from PIL import Image
@@ -36,30 +36,31 @@ def _image_files(folder: Path) -> list[Path]:
                   and not f.name.startswith("."))
 
 
-def _decode(image, file: Path, channels: int | None, size: tuple[int, int] | None, resize: bool,
-            max_pixels: int, size_of: str) -> np.ndarray:
-    """One image as (H, W) or (H, W, 3) uint8, in `channels` (None: grey if the file is grey, else RGB), resized
-    to `size` (H, W) when `resize`, else refused unless it has that size (`size_of`: whose size it is)."""
+def decode_image(image, file, name: str, channels: int | None, size: tuple[int, int] | None, resize: bool,
+                 max_pixels: int, size_of: str) -> np.ndarray:
+    """One image (`file`: a path or a binary stream; `name`: what errors call it; `image`: Pillow's Image module)
+    as (H, W) or (H, W, 3) uint8, in `channels` (None: grey if the file is grey, else RGB), resized to `size`
+    (H, W) when `resize`, else refused unless it has that size (`size_of`: whose size it is)."""
     try:
         with image.open(file) as img:
             w, h = img.size
             if w * h > max_pixels:
-                raise DataFileError(f"{file}: {w}x{h} pixels is more than the {max_pixels} an image may have")
+                raise DataFileError(f"{name}: {w}x{h} pixels is more than the {max_pixels} an image may have")
             if img.mode not in EIGHT_BIT_MODES:
-                raise DataFileError(f"{file}: image mode {img.mode!r} has more than 8 bits per channel; expected "
+                raise DataFileError(f"{name}: image mode {img.mode!r} has more than 8 bits per channel; expected "
                                     "an 8-bit grey, RGB, RGBA or palette image")
             grey = channels == 1 or channels is None and img.mode in ("1", "L", "LA", "La")
             img = img.convert("L" if grey else "RGB")
             if size is not None and (h, w) != tuple(size):
                 if not resize:
-                    raise InputError(f"{file}: the image is {h}x{w} pixels (height x width); expected {size[0]}x"
+                    raise InputError(f"{name}: the image is {h}x{w} pixels (height x width); expected {size[0]}x"
                                      f"{size[1]}, {size_of} (or resize the images)")
                 img = img.resize((size[1], size[0]), image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
     except (DataFileError, InputError):
         raise
     except Exception as exc:  # Pillow raises many kinds of errors on unreadable, truncated or foreign files
-        raise DataFileError(f"{file}: not a readable PNG or JPEG image ({type(exc).__name__}: "
+        raise DataFileError(f"{name}: not a readable PNG or JPEG image ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())})") from exc
 
 
@@ -86,11 +87,11 @@ def read_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, 
     if not files:
         raise DataFileError(f"{folder}: no PNG or JPEG images; expected one subfolder of images per class "
                             "(ImageFolder layout) or a flat folder of images")
-    image = _pillow()
+    image = pillow()
     size_of = "the model's size" if size is not None else f"the size of the first image, {files[0][0]}"
     arrays: list[np.ndarray] = []
     for file, _ in files:
-        arrays.append(_decode(image, file, channels, size, resize, max_pixels, size_of))
+        arrays.append(decode_image(image, file, str(file), channels, size, resize, max_pixels, size_of))
         channels = channels or (1 if arrays[0].ndim == 2 else 3)
         size = size or arrays[0].shape[:2]
     x = to_nchw_float(np.stack(arrays), channels=channels, source=str(folder))

@@ -100,7 +100,7 @@ class Study:
                 continue
             log(f"{where}: running")
             t0 = time.perf_counter()
-            compute_cell(self._seed_run(cell.dataset, cell.seed), cell)
+            self.compute(cell)
             computed.append(cell)
             log(f"{where}: done in {time.perf_counter() - t0:.1f} s")
         self._current = None
@@ -112,20 +112,30 @@ class Study:
         return StudyRun(self.layout.root, cells, computed, skipped, dict(self.counts),
                         time.perf_counter() - start, files)
 
-    def _analyses(self, make_missing: bool = True) -> None:
-        """The three-space analysis of every model at the analysis seed. `make_missing`: train the model and
-        craft its attacks when they are not on disk (else leave that model's analysis for a later run)."""
+    def compute(self, cell: Cell) -> dict:
+        """Compute one cell (reading what is cached, making the rest) and write its metrics; no claim of the
+        folder (`run` claims it; a Ray worker computes cells of a folder its driver claimed)."""
+        return compute_cell(self._seed_run(cell.dataset, cell.seed), cell)
+
+    def analyse(self, dataset: str, key: str, make_missing: bool = True) -> None:
+        """The three-space analysis of `key`'s model of `dataset` at the analysis seed, unless cached.
+        `make_missing`: train the model and craft its attacks when they are not on disk (else leave that
+        model's analysis for a later run)."""
         seed = self.config.analysis_seed
+        run = self._seed_run(dataset, seed)
+        if recorded_analysis(run, key) is not None:
+            return
+        if not make_missing and analysis_spec(run, key) is None:
+            self.ctx.log(f"analysis: {dataset} / {key} model / seed {seed} waits for its model and attacks")
+            return
+        self.ctx.log(f"analysis: {dataset} / {key} model / seed {seed}")
+        make_analysis(run, key)
+
+    def _analyses(self, make_missing: bool = True) -> None:
+        """The three-space analysis of every model at the analysis seed (`analyse`)."""
         for ds in self.config.datasets:
             for key in ds.model_keys:
-                run = self._seed_run(ds.name, seed)
-                if recorded_analysis(run, key) is not None:
-                    continue
-                if not make_missing and analysis_spec(run, key) is None:
-                    self.ctx.log(f"analysis: {ds.name} / {key} model / seed {seed} waits for its model and attacks")
-                    continue
-                self.ctx.log(f"analysis: {ds.name} / {key} model / seed {seed}")
-                make_analysis(run, key)
+                self.analyse(ds.name, key, make_missing)
         self._current = None
 
     # --- results -------------------------------------------------------------------------------------------
