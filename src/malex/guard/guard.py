@@ -137,7 +137,8 @@ def fit_calibration_split(labels: torch.Tensor, groups: torch.Tensor | None, cal
                           max_fit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit, calibration) indices: stratified by label, whole groups on one side when `groups` is given, and
     at most `max_fit` fit inputs (a seeded random share of the fit side, whole groups, calibrates instead)."""
-    fit_idx, cal_idx = split_keeping_groups(labels, groups, (1 - calibration_fraction, calibration_fraction), seed)
+    fit_idx, cal_idx = split_keeping_groups(labels, groups, (1 - calibration_fraction, calibration_fraction), seed,
+                                            part_names=("the guard's fit part", "its calibration part"))
     if max_fit is None or len(fit_idx) <= max_fit:
         return fit_idx, cal_idx
     gen = torch.Generator().manual_seed(seed)
