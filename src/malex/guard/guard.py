@@ -4,7 +4,8 @@
 held-out calibration part, runs ONE probe pass per part, fits every detector on the first and records
 its scores on the second. A new input's score under each detector becomes a p-value against those
 clean scores (conformal, with an exponential tail beyond the top clean scores: `malex.guard.pvalues`);
-the guard's own score is Fisher's combination -2 sum(ln p), thresholded so that at most `fpr` of the
+the guard's own score combines them (Fisher's -2 sum(ln p) by default; the Cauchy combination, the harmonic-mean
+p-value or min-p by `GuardConfig.combination`: `malex.guard.combine`), thresholded so that at most `fpr` of the
 clean calibration inputs, each scored against the others, are flagged. Fisher's sum lets several
 detectors' moderate evidence add up, where the smallest p-value alone (measured in
 benchmarks/digits_suite.py) lost most single detectors' power.
@@ -30,17 +31,18 @@ from torch import nn
 from malex.data.dataset import split_keeping_groups
 from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
-from malex.detectors.base import ADVERSARIAL, BACKDOOR
+from malex.detectors.base import ADVERSARIAL, BACKDOOR  # noqa: F401 (re-exported by malex.guard)
 from malex.detectors.fitting import fit_detectors, joint_probe, score_detectors
 from malex.calibration import DEFAULT_FPR, Threshold, calibrate, check_fpr
 from malex.errors import ConfigError, ModelFileError, NotFittedError
 from malex.guard.fingerprint import model_fingerprint
+from malex.guard.combine import DEFAULT_COMBINATION, check_combination, make_combination
+from malex.guard.verdict import BENIGN, evidence_kinds, verdicts
 from malex.guard.io import GuardFile, malformed, read_guard_file, write_guard_file
 from malex.guard.pvalues import in_sample_tail_pvalues, tail_pvalues
 from malex.models.anatomy import input_channels
 from malex.probe import Observation
 
-BENIGN = "benign"
 #: fewest clean calibration inputs beyond the threshold for which the guard does not warn
 MIN_BEYOND = 5
 #: calibration inputs probed and scored at a time (only their scores are kept)
@@ -55,7 +57,9 @@ class GuardConfig:
     `max_fit` of them (None: no cap): the inputs beyond it calibrate too. Every detector's fitted state is
     bounded well below that (reference samples of at most 2,000 inputs, streamed moments), while the
     guard's false-positive control gains from every calibration input, and calibration is scored in chunks
-    (only scores kept), so the memory a fit needs stops growing at `max_fit` fit inputs."""
+    (only scores kept), so the memory a fit needs stops growing at `max_fit` fit inputs. `combination` names the
+    rule that turns the detectors' p-values into the guard score (`malex.guard.combine.COMBINATIONS`: fisher,
+    cauchy, hmp, min_p); the threshold is calibrated on that score whatever the rule."""
 
     detectors: tuple[str, ...] = ("mutation_adv", "mutation_bd", "kd_bu", "mahalanobis")
     settings: dict[str, dict] = field(default_factory=dict)
@@ -65,6 +69,7 @@ class GuardConfig:
     seed: int = 0
     batch_size: int = 256
     progress: bool = True
+    combination: str = DEFAULT_COMBINATION
 
     def __post_init__(self) -> None:
         if not self.detectors:
@@ -72,6 +77,7 @@ class GuardConfig:
         if len(set(self.detectors)) != len(self.detectors):
             raise ConfigError(f"detectors {self.detectors} name one detector twice")
         check_fpr(self.fpr, "fpr")
+        check_combination(self.combination)
         if not 0 < self.calibration_fraction < 1:
             raise ConfigError(f"calibration_fraction is {self.calibration_fraction}; expected a value in (0, 1)")
         if self.max_fit is not None and (isinstance(self.max_fit, bool) or not isinstance(self.max_fit, int)
@@ -114,23 +120,22 @@ class Screening:
         ]
 
 
-def combine_pvalues(pvalues: dict[str, np.ndarray]) -> np.ndarray:
-    """The guard score: Fisher's -2 sum(ln p) over the detectors (higher = more suspicious). p-values are
-    floored at the smallest normal float, so a score far beyond every clean one (whose tail p-value
-    underflows to 0) counts as very suspicious, not as infinite."""
-    p = np.maximum(np.stack(list(pvalues.values())), np.finfo(np.float64).tiny)
-    return -2.0 * np.sum(np.log(p), axis=0)
+def combine_pvalues(pvalues: dict[str, np.ndarray], rule: str = DEFAULT_COMBINATION) -> np.ndarray:
+    """The guard score under the combination `rule` (`malex.guard.combine`; Fisher's -2 sum(ln p) by default),
+    higher = more suspicious. p-values are floored at the smallest normal float, so a score far beyond every
+    clean one (whose tail p-value underflows to 0) counts as very suspicious, not as infinite."""
+    return make_combination(rule)(pvalues)
 
 
-def in_sample_guard_scores(calibration: dict[str, np.ndarray]) -> np.ndarray:
+def in_sample_guard_scores(calibration: dict[str, np.ndarray], rule: str = DEFAULT_COMBINATION) -> np.ndarray:
     """The guard score of each clean calibration input, scored against the other calibration inputs
     (so that it matches what a new clean input gets)."""
-    return combine_pvalues({k: in_sample_tail_pvalues(v) for k, v in calibration.items()})
+    return combine_pvalues({k: in_sample_tail_pvalues(v) for k, v in calibration.items()}, rule)
 
 
-def calibrate_guard(calibration: dict[str, np.ndarray], fpr: float) -> Threshold:
+def calibrate_guard(calibration: dict[str, np.ndarray], fpr: float, rule: str = DEFAULT_COMBINATION) -> Threshold:
     """The guard-score threshold that flags at most `fpr` of the clean calibration inputs."""
-    return calibrate(in_sample_guard_scores(calibration), fpr)
+    return calibrate(in_sample_guard_scores(calibration, rule), fpr)
 
 
 def fit_calibration_split(labels: torch.Tensor, groups: torch.Tensor | None, calibration_fraction: float,
@@ -209,7 +214,7 @@ class Guard:
                 f"{self.config.fpr:.1%} FPR, so the false-positive rate a new clean input meets is uncertain; {need}",
                 stacklevel=2,
             )
-        self.threshold_ = calibrate_guard(self.calibration_scores_, self.config.fpr)
+        self.threshold_ = calibrate_guard(self.calibration_scores_, self.config.fpr, self.config.combination)
         return self
 
     def check_fitted(self) -> None:
@@ -222,23 +227,16 @@ class Guard:
 
     def _kind(self, pvalues: dict[str, np.ndarray]) -> np.ndarray:
         """ADVERSARIAL or BACKDOOR per input, from the detectors whose evidence has a kind."""
-        n = len(next(iter(pvalues.values())))
-        best = {kind: np.ones(n) for kind in (ADVERSARIAL, BACKDOOR)}
-        for name, p in pvalues.items():
-            kind = self.detectors[name].evidence
-            if kind is not None:
-                best[kind] = np.minimum(best[kind], p)
-        return np.where(best[BACKDOOR] < best[ADVERSARIAL], BACKDOOR, ADVERSARIAL)
+        return evidence_kinds(pvalues, {name: det.evidence for name, det in self.detectors.items()})
 
     def screen_observation(self, obs: Observation) -> Screening:
         """Screen inputs already seen by this guard's probe."""
         self.check_fitted()
         scores = {name: det.score(obs) for name, det in self.detectors.items()}
         pvalues = self._pvalues(scores)
-        guard_score = combine_pvalues(pvalues)
+        guard_score = combine_pvalues(pvalues, self.config.combination)
         flagged = self.threshold_.flags(guard_score)
-        kinds = self._kind(pvalues)
-        verdict = [str(kinds[i]) if flagged[i] else BENIGN for i in range(len(obs))]
+        verdict = verdicts(flagged, self._kind(pvalues))
         return Screening(obs.pred.numpy(), verdict, guard_score, scores, pvalues)
 
     def screen(self, x) -> Screening:
@@ -303,7 +301,9 @@ class Guard:
             "detectors": list(self.detectors),
             "fpr": self.config.fpr,
             "threshold": self.threshold_.value,
-            "calibration_fpr": float(self.threshold_.flags(in_sample_guard_scores(self.calibration_scores_)).mean()),
+            "combination": self.config.combination,
+            "calibration_fpr": float(self.threshold_.flags(
+                in_sample_guard_scores(self.calibration_scores_, self.config.combination)).mean()),
             "n_calibration": int(len(next(iter(self.calibration_scores_.values())))),
             "max_fit": self.config.max_fit,
             "states": {k: d.state() for k, d in self.detectors.items()},
