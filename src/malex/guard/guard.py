@@ -239,10 +239,14 @@ class Guard:
         verdict = verdicts(flagged, self._kind(pvalues))
         return Screening(obs.pred.numpy(), verdict, guard_score, scores, pvalues)
 
+    def observe(self, x) -> Observation:
+        """One probe pass over `x` (laid out and checked as every input the guard takes)."""
+        return self.probe.run(self._inputs(x), self.config.batch_size)
+
     def screen(self, x) -> Screening:
         """One probe pass over `x`, then every detector's score, the guard score and a verdict per input."""
         self.check_fitted()
-        return self.screen_observation(self.probe.run(self._inputs(x), self.config.batch_size))
+        return self.screen_observation(self.observe(x))
 
     def save(self, path: str | Path, overwrite: bool = False, key: bytes | None = None) -> Path:
         """Write the fitted guard to one safetensors file (no pickle; `malex.guard.io`), signed with `key` when
