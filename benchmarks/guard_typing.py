@@ -93,7 +93,8 @@ def run_one(trigger_name: str, seed: int, detector_sets: list[tuple[str, ...]]) 
         guard.fit_typing(data.val.x[fit_idx])
         after = measure(guard, sets, trigger_name)
         out.append({"before": before, "after": after, "fit_seconds": fit_seconds,
-                    "typing_seconds": guard.typing_seconds_, "sizes": {k: len(v) for k, v in sets.items()}})
+                    "typing_seconds": guard.typing_seconds_, "learned": guard.kind_model_ is not None,
+                    "sizes": {k: len(v) for k, v in sets.items()}})
     return out
 
 
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             sizes = ", ".join(f"{n} {np.mean([r['sizes'][n] for r in runs]):.0f}" for n in names)
             summed = {w: sum(r[w]["confusion"] for r in runs).tolist() for w in ("before", "after")}
             lines += ["", f"Inputs per seed (mean): {sizes}. Guard fit {mean_std([r['fit_seconds'] for r in runs])} s; "
-                          f"learned typing fit {mean_std([r['typing_seconds'] for r in runs])} s. Confusion summed over "
+                          f"learned typing fit {mean_std([r['typing_seconds'] for r in runs])} s, a learned model in "
+                          f"{sum(r['learned'] for r in runs)} of {len(runs)} seeds (else no universal trigger worked "
+                          "like a planted one and the evidence rule stayed). Confusion summed over "
                           f"seeds (rows true, columns verdict, {' / '.join(VERDICTS)}): before {summed['before']}, "
                           f"after {summed['after']}.", ""]
             print("\n".join(lines[-9:]), flush=True)
