@@ -24,42 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from malex.attacks.adversarial import make_adversarial
-from malex.attacks.backdoor import PoisonConfig, make_trigger, train_model, triggered_inputs
-from malex.data import load_digits
+from digits_suite import TRIGGERS, poisoned_and_attacked
 from malex.guard import ADVERSARIAL, BACKDOOR, BENIGN, Guard, GuardConfig
 from malex.guard.guard import EVIDENCE, LEARNED, detectors_from, fit_calibration_split
 from malex.guard.verdict import VERDICTS
 from malex.metrics import confusion, confusion_accuracy
-from malex.models.inference import predict
-from malex.models.train import TrainConfig
-
-TRIGGERS = {"BadNets": ("badnets", {"size": 2, "margin": 0}), "Blend": ("blend", {"alpha": 0.2})}
-TARGET = 1
 
 
 def mixed_stream(trigger_name: str, seed: int) -> tuple[torch.nn.Module, object, dict[str, torch.Tensor]]:
     """(model, data, sets): the clean test inputs the model gets right, the trigger inputs that reach the target
-    and the evaluation's adversarial examples."""
-    data = load_digits(seed)
-    kind, settings = TRIGGERS[trigger_name]
-    trigger = make_trigger(kind, **settings)
-    trained = train_model(data, "digits_cnn", TrainConfig(epochs=40, shift=1, seed=seed), trigger,
-                          PoisonConfig(0.1, TARGET, seed), progress=False)
-    model = trained.model
-    correct = data.test.subset(predict(model, data.test.x) == data.test.y)
-    stamped = triggered_inputs(data.test, trigger, TARGET).x
-    sets = {
-        "clean": correct.x,
-        trigger_name: stamped[predict(model, stamped) == TARGET],
-        "PGD": make_adversarial("pgd", eps=0.2, steps=20, seed=seed).run(
-            model, correct.x, correct.y, progress=False).successful(),
-        "PGD-stop": make_adversarial("pgd", eps=0.2, alpha=0.02, steps=20, random_start=False, early_stop=True).run(
-            model, correct.x, correct.y, progress=False).successful(),
-        "CW": make_adversarial("cw", steps=100, binary_search_steps=3).run(
-            model, correct.x, correct.y, progress=False).successful(),
-    }
-    return model, data, sets
+    and the evaluation's adversarial examples (`digits_suite.poisoned_and_attacked`, CW with 3 searches)."""
+    trained, data, correct, malicious = poisoned_and_attacked(trigger_name, seed, cw_searches=3)
+    return trained.model, data, {"clean": correct.x, **malicious}
 
 
 def truth_of(name: str, trigger_name: str) -> str:
