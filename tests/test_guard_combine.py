@@ -107,3 +107,10 @@ def test_a_guard_file_without_a_rule_loads_as_fisher_and_a_foreign_rule_is_refus
     bad = _rewrite(path, tmp_path / "bad.safetensors", lambda h: h["config"].update(combination="vote"))
     with pytest.raises(ModelFileError, match="combination"):
         Guard.load(bad, model)
+
+
+def test_a_wrong_way_member_does_not_cancel_the_others_under_cauchy():
+    """p = 1 (a score at or below every clean one) must not outweigh another member's strong evidence."""
+    strong = {"a": np.array([1e-6, 0.5]), "b": np.array([1.0, 0.5])}
+    s = make_combination("cauchy")(strong)
+    assert s[0] > s[1] and s[0] > 1e4

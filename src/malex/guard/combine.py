@@ -7,8 +7,11 @@ each rule returns a monotone transform of its combined statistic that is finite 
 smallest normal float.
 
 * `fisher`: -2 sum(ln p). Several moderate p-values add up; a weak member's noise adds too.
-* `cauchy`: the Cauchy combination (ACAT, Liu & Xie 2020): mean of tan((1/2 - p) pi). Its tail is driven by
-  the smallest p-values and it stays valid under arbitrary dependence between detectors.
+* `cauchy`: the Cauchy combination (ACAT, Liu & Xie 2020): mean of tan((1/2 - p) pi), its tail driven by the
+  smallest p-values and robust to dependence between detectors; here with each p capped at 1/2. Uncapped, a
+  detector whose score lies at or below every clean one (p near 1: a backdoor input under the adversarial
+  mutation test, the "wrong-way" side) adds a term near minus infinity that cancels every other member's
+  evidence (measured on MNIST: backdoor AUROC 0.41 uncapped); capped, a member that sees nothing adds 0.
 * `hmp`: the harmonic-mean p-value (Wilson 2019), as -ln(HMP) = ln(mean(1/p)): close to min-p when one member
   fires, and robust to dependence.
 * `min_p`: -ln(min p), the strongest single member's evidence (a Bonferroni-like omnibus).
@@ -57,11 +60,12 @@ class Fisher(Combination):
 
 
 class Cauchy(Combination):
-    """The Cauchy combination: mean over detectors of tan((1/2 - p) pi), equal weights."""
+    """The Cauchy combination: mean over detectors of tan((1/2 - min(p, 1/2)) pi), equal weights."""
 
     name = "cauchy"
 
     def statistic(self, p: np.ndarray) -> np.ndarray:
+        p = np.minimum(p, 0.5)
         small = p < _CAUCHY_SMALL
         t = np.where(small, 1.0 / (np.maximum(p, P_FLOOR) * np.pi), np.tan((0.5 - np.where(small, 0.5, p)) * np.pi))
         return np.mean(t, axis=0)
