@@ -54,9 +54,9 @@ SETS: dict[str, tuple[str, ...]] = {
     "kd_bu+mahalanobis+msp": ("kd_bu", "mahalanobis", "msp"),
     "all": (),  # filled per dataset: every detector the study ran
 }
-#: a candidate is a set under a rule, named "set" under Fisher and "set | rule" otherwise
+#: a candidate is a set under a rule, named "set" under Fisher and "set (rule)" otherwise
 CANDIDATES: dict[str, tuple[str, str]] = {
-    (s if r == DEFAULT_COMBINATION else f"{s} | {r}"): (s, r) for s in SETS for r in COMBINATIONS}
+    (s if r == DEFAULT_COMBINATION else f"{s} ({r})"): (s, r) for s in SETS for r in COMBINATIONS}
 
 
 @dataclass(frozen=True)
