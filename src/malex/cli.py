@@ -102,9 +102,9 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     force: bool = typer.Option(False, "--force", help="Replace the demo's files if the folder already holds them."),
 ) -> None:
-    """Train a BadNets-poisoned model on the embedded digits, attack it, detect, report."""
+    """Train a BadNets-poisoned model on the embedded digits, attack it, fit the guard, screen a mixed stream."""
     from malex.evaluate.demo import DemoConfig, run_demo
-    from malex.report.table import metrics_table, print_table
+    from malex.report.table import confusion_table, metrics_table, print_side_by_side
 
     result = run_demo(out_dir, DemoConfig(seed=seed, progress=not quiet), overwrite=force)
     out.print(f"poisoned model: clean test accuracy {result.clean_accuracy:.3f}, "
@@ -112,7 +112,10 @@ def demo(
     for name, s in result.attacks.items():
         out.print(f"{name}: success rate {s['success_rate']:.3f}, mean L2 {s['mean_l2']:.3f}, "
                   f"mean Linf {s['mean_linf']:.3f} ({s['n']} inputs, {s['seconds']:.1f}s)")
-    print_table(metrics_table(result.run.rows(), "detection on the digits demo (thresholds at 5% FPR)"))
+    v = result.verdicts
+    print_side_by_side(metrics_table(result.run.rows(), "detection on the digits demo (thresholds at 5% FPR)"),
+                       confusion_table(v["labels"], v["confusion"], f"the guard's verdicts on the mixed stream "
+                                       f"(three-way accuracy {v['accuracy']:.3f})"))
     out.print(f"wrote {', '.join(result.files.values())} in {result.seconds:.0f}s")
 
 
