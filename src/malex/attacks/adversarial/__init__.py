@@ -1,22 +1,28 @@
-"""Adversarial attacks (FGSM, PGD, CW-L2): torch-native, batched, on inputs in [0, 1].
+"""Adversarial attacks (FGSM, PGD, CW-L2, and the detector-aware adaptive and orthogonal PGD): torch-native,
+batched, on inputs in [0, 1].
 
 Build one by class (`PGD(PGDConfig(eps=0.1))`) or by name (`make_adversarial("pgd", eps=0.1)`), then
 `attack.run(model, x, y)` for an untargeted run or `attack.run(model, x, y, target=t)` for a targeted one;
 `craft_successful(attack, model, x, y)` keeps only the successful examples made from correctly classified inputs.
+The detector-aware attacks take the defence as a plain differentiable callable, `evidence(x) -> (N,)`, positive
+where it flags (`make_adversarial("adaptive_pgd", eps=0.3).against(evidence)`; the guard's is
+`malex.guard.surrogate.GuardEvidence`); without one they attack the undefended model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from malex.attacks.adversarial.adaptive_pgd import AdaptivePGD, AdaptivePGDConfig, EvidencePGD
 from malex.attacks.adversarial.base import AdversarialAttack, AdversarialResult
 from malex.attacks.adversarial.cw import CW, CWConfig
 from malex.attacks.adversarial.fgsm import FGSM, FGSMConfig
+from malex.attacks.adversarial.orthogonal_pgd import OrthogonalPGD
 from malex.attacks.adversarial.pgd import PGD, PGDConfig
 from malex.attacks.adversarial.successful import craft_successful
 from malex.errors import ConfigError
 
-ADVERSARIAL_ATTACKS: dict[str, type[AdversarialAttack]] = {cls.name: cls for cls in (FGSM, PGD, CW)}
+ADVERSARIAL_ATTACKS: dict[str, type[AdversarialAttack]] = {cls.name: cls for cls in (FGSM, PGD, CW, AdaptivePGD, OrthogonalPGD)}
 
 
 def make_adversarial(name: str, **config_kwargs: object) -> AdversarialAttack:
@@ -34,6 +40,10 @@ def make_adversarial(name: str, **config_kwargs: object) -> AdversarialAttack:
 
 __all__ = [
     "ADVERSARIAL_ATTACKS",
+    "AdaptivePGD",
+    "AdaptivePGDConfig",
+    "EvidencePGD",
+    "OrthogonalPGD",
     "CW",
     "CWConfig",
     "FGSM",

@@ -1,0 +1,96 @@
+"""Adaptive attacks: detector-aware PGD and Orthogonal PGD against a guard's differentiable evidence.
+
+On the session's digits CNN (tests/conftest.py), a one-detector guard (Mahalanobis, 5% FPR, fitted on the clean
+validation split) is attacked at eps 0.3 (30 steps of 0.03). Measured when written: plain PGD is flagged on 61%
+of 150 sources (Mahalanobis AUROC 0.95 on its successful examples), the adaptive attacks on none of them
+(AUROC 0.52-0.53); attacker success (fooled and not flagged) 0.39 vs 0.99. The bounds below leave room.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from malex.attacks.adversarial import PGD, AdaptivePGD, AdaptivePGDConfig, PGDConfig, make_adversarial
+from malex.errors import ConfigError
+from malex.guard import Guard, GuardConfig
+from malex.guard.surrogate import GuardEvidence, gradient_check, rank_agreement, surrogate_for
+from malex.metrics import auroc
+
+EPS = 0.3
+
+
+@pytest.fixture(scope="module")
+def guarded(poisoned_digits):
+    """A Mahalanobis-only guard on the session's digits model, its evidence, and 150 correctly classified inputs."""
+    p = poisoned_digits
+    guard = Guard(p["model"], GuardConfig(detectors=("mahalanobis",), progress=False)).fit(p["data"].val.x,
+                                                                                        p["data"].val.y)
+    x, y = p["correct"].x[:150], p["correct"].y[:150]
+    return {"model": p["model"], "guard": guard, "evidence": GuardEvidence(guard), "x": x, "y": y}
+
+
+def attacker_success(guard: Guard, result) -> float:
+    """Share of the attacked inputs that fool the model and pass the guard at its calibrated threshold."""
+    return float((result.success.numpy() & ~guard.screen(result.x_adv).flagged).mean())
+
+
+def test_without_evidence_the_ce_variant_is_plain_pgd(guarded):
+    """The sanity check of the adaptive-attack literature: against no detector it is plain PGD (bit for bit)."""
+    m, x, y = guarded["model"], guarded["x"][:40], guarded["y"][:40]
+    plain = PGD(PGDConfig(eps=EPS, alpha=0.03, steps=10)).run(m, x, y, progress=False)
+    adaptive = AdaptivePGD(AdaptivePGDConfig(eps=EPS, alpha=0.03, steps=10, loss="ce")).run(m, x, y, progress=False)
+    assert torch.equal(plain.x_adv, adaptive.x_adv)
+    assert plain.success_rate == adaptive.success_rate > 0.9
+
+
+@pytest.mark.parametrize("name", ["adaptive_pgd", "orthogonal_pgd"])
+def test_adaptive_attack_evades_mahalanobis_that_plain_pgd_does_not(guarded, name):
+    g, m, x, y = guarded["guard"], guarded["model"], guarded["x"], guarded["y"]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    grads = [None if q.grad is None else q.grad.clone() for q in m.parameters()]
+    clean = g.screen(x).scores["mahalanobis"]
+    plain = make_adversarial("pgd", eps=EPS, alpha=0.03, steps=30).run(m, x, y, progress=False)
+    attack = make_adversarial(name, eps=EPS, steps=30, evidence_margin=5.0).against(guarded["evidence"])
+    adaptive = attack.run(m, x, y, progress=False)
+
+    def detector_auroc(result) -> float:
+        return auroc(clean, g.screen(result.successful()).scores["mahalanobis"])
+
+    assert plain.success_rate == 1.0 and adaptive.success_rate >= 0.95
+    assert detector_auroc(plain) >= 0.9
+    assert detector_auroc(adaptive) <= 0.7
+    assert attacker_success(g, adaptive) >= attacker_success(g, plain) + 0.4
+    assert adaptive.linf.max() <= EPS + 1e-6
+    # the guarded model is left as it was: same weights, no gradient accumulated into .grad, still in eval mode
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all((g0 is None and q.grad is None) or torch.equal(g0, q.grad) for g0, q in zip(grads, m.parameters()))
+    assert not m.training
+
+
+def test_surrogate_ranks_as_the_detector_and_has_correct_gradients(poisoned_digits, guarded):
+    p = poisoned_digits
+    guard = Guard(p["model"], GuardConfig(detectors=("mahalanobis", "mutation_adv"), progress=False)).fit(
+        p["data"].val.x, p["data"].val.y)
+    evidence = GuardEvidence(guard)
+    x = torch.cat([guarded["x"][:60], p["pgd_stop"][:60]])
+    agreement = rank_agreement(evidence, x)
+    assert agreement["mahalanobis"] > 0.999  # the same score, computed differentiably
+    assert agreement["mutation_adv"] > 0.5  # 20 soft mutants against up to 100 hard ones
+    assert agreement["guard"] > 0.7
+    assert gradient_check(guard, x[:1]) == {"guard": True, "mahalanobis": True, "mutation_adv": True}
+
+
+def test_bad_evidence_and_unsupported_detectors_are_clear_errors(poisoned_digits, guarded):
+    m, x, y = guarded["model"], guarded["x"][:4], guarded["y"][:4]
+    with pytest.raises(ConfigError, match="one value per input"):
+        AdaptivePGD(evidence=lambda t: t.flatten(1).sum()).run(m, x, y, progress=False)
+    with pytest.raises(ConfigError, match="expected a callable"):
+        AdaptivePGD(evidence=np.zeros(3))
+    with pytest.raises(ConfigError, match="loss"):
+        AdaptivePGDConfig(loss="hinge")
+    strip = Guard(m, GuardConfig(detectors=("strip",), progress=False)).fit(
+        poisoned_digits["data"].val.x, poisoned_digits["data"].val.y)
+    with pytest.raises(ConfigError, match="no differentiable surrogate"):
+        surrogate_for(strip.detectors["strip"])
