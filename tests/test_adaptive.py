@@ -71,15 +71,18 @@ def test_adaptive_attack_evades_mahalanobis_that_plain_pgd_does_not(guarded, nam
 
 def test_surrogate_ranks_as_the_detector_and_has_correct_gradients(poisoned_digits, guarded):
     p = poisoned_digits
-    guard = Guard(p["model"], GuardConfig(detectors=("mahalanobis", "mutation_adv"), progress=False)).fit(
-        p["data"].val.x, p["data"].val.y)
+    # kd_bu without its Monte-Carlo-dropout column, which the surrogate passes by value (no gradient)
+    config = GuardConfig(detectors=("mahalanobis", "mutation_adv", "lid", "kd_bu"),
+                         settings={"kd_bu": {"use_bu": False}}, progress=False)
+    guard = Guard(p["model"], config).fit(p["data"].val.x, p["data"].val.y)
     evidence = GuardEvidence(guard)
     x = torch.cat([guarded["x"][:60], p["pgd_stop"][:60]])
     agreement = rank_agreement(evidence, x)
-    assert agreement["mahalanobis"] > 0.999  # the same score, computed differentiably
+    for exact in ("mahalanobis", "lid", "kd_bu"):  # the same scores, computed differentiably
+        assert agreement[exact] > 0.999
     assert agreement["mutation_adv"] > 0.5  # 20 soft mutants against up to 100 hard ones
     assert agreement["guard"] > 0.7
-    assert gradient_check(guard, x[:1]) == {"guard": True, "mahalanobis": True, "mutation_adv": True}
+    assert gradient_check(guard, x[:1]) == {name: True for name in ("guard", *config.detectors)}
 
 
 def test_bad_evidence_and_unsupported_detectors_are_clear_errors(poisoned_digits, guarded):
@@ -94,3 +97,11 @@ def test_bad_evidence_and_unsupported_detectors_are_clear_errors(poisoned_digits
         poisoned_digits["data"].val.x, poisoned_digits["data"].val.y)
     with pytest.raises(ConfigError, match="no differentiable surrogate"):
         surrogate_for(strip.detectors["strip"])
+
+
+def test_gradient_check_catches_a_score_passed_without_gradient(poisoned_digits, guarded):
+    """With its MC-dropout column (a value without a gradient in the surrogate), kd_bu's surrogate fails the check."""
+    p = poisoned_digits
+    guard = Guard(p["model"], GuardConfig(detectors=("kd_bu",), progress=False)).fit(p["data"].val.x, p["data"].val.y)
+    assert guard.detectors["kd_bu"].use_bu_
+    assert gradient_check(guard, guarded["x"][:1]) == {"guard": False, "kd_bu": False}

@@ -45,8 +45,8 @@ class AdaptivePGDConfig:
     eps: float = 0.3
     alpha: float | None = None
     steps: int = 100
-    weight: float = 1.0
-    evidence_margin: float = 1.0
+    weight: float = 0.1
+    evidence_margin: float = 2.0
     confidence: float = 0.0
     loss: str = "margin"
     random_start: bool = True
