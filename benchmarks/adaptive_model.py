@@ -1,7 +1,8 @@
-"""The clean MNIST model of benchmarks/adaptive_attacks.py: the study's mnist_cnn and recipe (configs/mnist_gtsrb.toml:
-5 epochs, batch 128, 2-pixel shifts), trained by malex's `train_model` once per seed and cached as a malex model file.
+"""The clean MNIST model of benchmarks/adaptive_attacks.py: the study's mnist_cnn and recipe
+(configs/mnist_gtsrb.toml: 5 epochs, batch 128, 2-pixel shifts), trained by malex's `train_model` once per seed
+and cached as a malex model file.
 
-    python benchmarks/adaptive_model.py --seed 0        # trains (or finds) malex-out/adaptive/mnist_cnn-seed0.safetensors
+    python benchmarks/adaptive_model.py --seed 0   # trains (or finds) malex-out/adaptive/mnist_cnn-seed0.safetensors
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def recipe(seed: int) -> TrainConfig:
 
 
 def cached_model(data: Dataset, seed: int, cache: Path = CACHE) -> tuple[nn.Module, float]:
-    """(model in eval mode, clean test accuracy): read from `cache`, else trained with `recipe(seed)` and written there."""
+    """(model in eval mode, clean test accuracy): read from `cache`, else trained with `recipe(seed)` and written
+    there."""
     path = cache / f"mnist_cnn-seed{seed}.safetensors"
     if path.is_file():
         model, desc = load_model(path)
@@ -35,7 +37,8 @@ def cached_model(data: Dataset, seed: int, cache: Path = CACHE) -> tuple[nn.Modu
     trained = train_model(data, "mnist_cnn", recipe(seed), progress=True)
     cache.mkdir(parents=True, exist_ok=True)
     save_model(trained.model, path, "mnist_cnn", {"clean_accuracy": trained.clean_accuracy, "seed": seed})
-    print(f"seed {seed}: trained in {trained.seconds:.0f} s, clean test accuracy {trained.clean_accuracy:.4f}", flush=True)
+    print(f"seed {seed}: trained in {trained.seconds:.0f} s, clean test accuracy {trained.clean_accuracy:.4f}",
+          flush=True)
     return trained.model.eval(), trained.clean_accuracy
 
 

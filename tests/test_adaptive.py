@@ -1,9 +1,10 @@
-"""Adaptive attacks: detector-aware PGD and Orthogonal PGD against a guard's differentiable evidence.
+"""Adaptive attacks: detector-aware PGD, Orthogonal PGD and CW against a guard's differentiable evidence.
 
 On the session's digits CNN (tests/conftest.py), a one-detector guard (Mahalanobis, 5% FPR, fitted on the clean
 validation split) is attacked at eps 0.3 (30 steps of 0.03). Measured when written: plain PGD is flagged on 61%
-of 150 sources (Mahalanobis AUROC 0.95 on its successful examples), the adaptive attacks on none of them
-(AUROC 0.52-0.53); attacker success (fooled and not flagged) 0.39 vs 0.99. The bounds below leave room.
+of 150 sources (Mahalanobis AUROC 0.95 on its successful examples), adaptive and orthogonal PGD on none of them
+(AUROC 0.52-0.53); attacker success (fooled and not flagged) 0.39 vs 0.99; adaptive CW (2 x 40 Adam steps, 60
+sources) about 0.9 with AUROC about 0.6. The bounds below leave room.
 """
 
 from __future__ import annotations
@@ -40,29 +41,39 @@ def test_without_evidence_the_ce_variant_is_plain_pgd(guarded):
     """The sanity check of the adaptive-attack literature: against no detector it is plain PGD (bit for bit)."""
     m, x, y = guarded["model"], guarded["x"][:40], guarded["y"][:40]
     plain = PGD(PGDConfig(eps=EPS, alpha=0.03, steps=10)).run(m, x, y, progress=False)
-    adaptive = AdaptivePGD(AdaptivePGDConfig(eps=EPS, alpha=0.03, steps=10, loss="ce")).run(m, x, y, progress=False)
+    config = AdaptivePGDConfig(eps=EPS, alpha=0.03, steps=10, loss="ce", step_decay=False)
+    adaptive = AdaptivePGD(config).run(m, x, y, progress=False)
     assert torch.equal(plain.x_adv, adaptive.x_adv)
     assert plain.success_rate == adaptive.success_rate > 0.9
 
 
-@pytest.mark.parametrize("name", ["adaptive_pgd", "orthogonal_pgd"])
+ADAPTIVE = {
+    "adaptive_pgd": {"eps": EPS, "steps": 30, "evidence_margin": 5.0},
+    "orthogonal_pgd": {"eps": EPS, "steps": 30, "evidence_margin": 5.0},
+    "adaptive_cw": {"steps": 40, "binary_search_steps": 2, "lr": 0.1, "c": 5.0, "evidence_margin": 5.0},
+}
+
+
+@pytest.mark.parametrize("name", list(ADAPTIVE))
 def test_adaptive_attack_evades_mahalanobis_that_plain_pgd_does_not(guarded, name):
-    g, m, x, y = guarded["guard"], guarded["model"], guarded["x"], guarded["y"]
+    n = 60 if name == "adaptive_cw" else 150  # CW's Adam steps cost more
+    g, m, x, y = guarded["guard"], guarded["model"], guarded["x"][:n], guarded["y"][:n]
     before = {k: v.clone() for k, v in m.state_dict().items()}
     grads = [None if q.grad is None else q.grad.clone() for q in m.parameters()]
     clean = g.screen(x).scores["mahalanobis"]
     plain = make_adversarial("pgd", eps=EPS, alpha=0.03, steps=30).run(m, x, y, progress=False)
-    attack = make_adversarial(name, eps=EPS, steps=30, evidence_margin=5.0).against(guarded["evidence"])
+    attack = make_adversarial(name, **ADAPTIVE[name]).against(guarded["evidence"])
     adaptive = attack.run(m, x, y, progress=False)
 
     def detector_auroc(result) -> float:
         return auroc(clean, g.screen(result.successful()).scores["mahalanobis"])
 
-    assert plain.success_rate == 1.0 and adaptive.success_rate >= 0.95
+    assert plain.success_rate == 1.0 and adaptive.success_rate >= 0.8
     assert detector_auroc(plain) >= 0.9
     assert detector_auroc(adaptive) <= 0.7
     assert attacker_success(g, adaptive) >= attacker_success(g, plain) + 0.4
-    assert adaptive.linf.max() <= EPS + 1e-6
+    if name != "adaptive_cw":  # CW is an L2 attack without a budget
+        assert adaptive.linf.max() <= EPS + 1e-6
     # the guarded model is left as it was: same weights, no gradient accumulated into .grad, still in eval mode
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert all((g0 is None and q.grad is None) or torch.equal(g0, q.grad) for g0, q in zip(grads, m.parameters()))

@@ -1,5 +1,5 @@
-"""Adversarial attacks (FGSM, PGD, CW-L2, and the detector-aware adaptive and orthogonal PGD): torch-native,
-batched, on inputs in [0, 1].
+"""Adversarial attacks (FGSM, PGD, CW-L2, and the detector-aware adaptive PGD, orthogonal PGD and adaptive CW):
+torch-native, batched, on inputs in [0, 1].
 
 Build one by class (`PGD(PGDConfig(eps=0.1))`) or by name (`make_adversarial("pgd", eps=0.1)`), then
 `attack.run(model, x, y)` for an untargeted run or `attack.run(model, x, y, target=t)` for a targeted one;
@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 
+from malex.attacks.adversarial.adaptive_cw import AdaptiveCW, AdaptiveCWConfig
 from malex.attacks.adversarial.adaptive_pgd import AdaptivePGD, AdaptivePGDConfig, EvidencePGD
 from malex.attacks.adversarial.base import AdversarialAttack, AdversarialResult
 from malex.attacks.adversarial.cw import CW, CWConfig
+from malex.attacks.adversarial.evidence import Evidence, EvidenceAware
 from malex.attacks.adversarial.fgsm import FGSM, FGSMConfig
 from malex.attacks.adversarial.orthogonal_pgd import OrthogonalPGD
 from malex.attacks.adversarial.pgd import PGD, PGDConfig
 from malex.attacks.adversarial.successful import craft_successful
 from malex.errors import ConfigError
 
-ADVERSARIAL_ATTACKS: dict[str, type[AdversarialAttack]] = {cls.name: cls for cls in (FGSM, PGD, CW, AdaptivePGD, OrthogonalPGD)}
+ADVERSARIAL_ATTACKS: dict[str, type[AdversarialAttack]] = {
+    cls.name: cls for cls in (FGSM, PGD, CW, AdaptivePGD, OrthogonalPGD, AdaptiveCW)
+}
 
 
 def make_adversarial(name: str, **config_kwargs: object) -> AdversarialAttack:
@@ -40,8 +44,12 @@ def make_adversarial(name: str, **config_kwargs: object) -> AdversarialAttack:
 
 __all__ = [
     "ADVERSARIAL_ATTACKS",
+    "AdaptiveCW",
+    "AdaptiveCWConfig",
     "AdaptivePGD",
     "AdaptivePGDConfig",
+    "Evidence",
+    "EvidenceAware",
     "EvidencePGD",
     "OrthogonalPGD",
     "CW",

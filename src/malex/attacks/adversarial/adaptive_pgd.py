@@ -9,9 +9,11 @@ threshold). Each step minimises, per input,
 m being the margin of the true label over the best other (untargeted) or of the best other over the target
 (targeted), as in CW: once an input is misclassified with `confidence`, only the evidence term pushes, and once
 the evidence is `evidence_margin` below the threshold it stops pushing. `loss="ce"` uses minus the cross-entropy
-of the label (plus the target's CE when targeted) instead of the clamped margin: with no evidence it is plain
-PGD step for step (the sanity check `tests/test_adaptive.py` runs). Steps are signed gradients of size alpha,
-each followed by projection onto the eps ball and [0, 1], from a uniform random start.
+of the label (plus the target's CE when targeted) instead of the clamped margin: with no evidence and constant
+steps (`step_decay=False`) it is plain PGD step for step (the sanity check `tests/test_adaptive.py` runs). Steps
+are signed gradients, of size alpha shrinking along a cosine to alpha / 100 (coarse moves first, then the fine
+trade-off between the two terms), each followed by projection onto the eps ball and [0, 1], from a uniform
+random start.
 
 Of the iterates on which the model is fooled, each input keeps the one with the smallest evidence (the latest
 among ties); an input never fooled gets its final iterate. Without an evidence callable the attack is a PGD on
@@ -20,19 +22,17 @@ the chosen loss (evidence 0 everywhere), so it also measures the attack against 
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malex.attacks.adversarial.base import AdversarialAttack, input_gradient, is_count, is_number, require
+from malex.attacks.adversarial.base import input_gradient, is_count, is_number, require
 from malex.attacks.adversarial.cw import margin
+from malex.attacks.adversarial.evidence import EvidenceAware
 
-#: per-input differentiable evidence of a batch: positive where the defence flags the input
-Evidence = Callable[[torch.Tensor], torch.Tensor]
 LOSSES = ("margin", "ce")
 
 
@@ -40,7 +40,8 @@ LOSSES = ("margin", "ce")
 class AdaptivePGDConfig:
     """eps: Linf budget; alpha: step size (None -> eps / 10); steps; weight: of the evidence term (lambda);
     evidence_margin: how far below the threshold the evidence is pushed; confidence: the margin beyond the
-    boundary the classification term asks for; loss: "margin" (clamped CW margin) or "ce"; seed: random start."""
+    boundary the classification term asks for; loss: "margin" (clamped CW margin) or "ce"; step_decay: shrink the
+    step along a cosine from alpha to alpha / 100 over the steps (False: constant steps); seed: random start."""
 
     eps: float = 0.3
     alpha: float | None = None
@@ -49,20 +50,25 @@ class AdaptivePGDConfig:
     evidence_margin: float = 2.0
     confidence: float = 0.0
     loss: str = "margin"
+    step_decay: bool = True
     random_start: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         name = type(self).__name__.removesuffix("Config")
-        require(is_number(self.eps) and 0.0 <= self.eps <= 1.0, f"{name} eps is {self.eps!r}; expected a number in [0, 1]")
+        require(is_number(self.eps) and 0.0 <= self.eps <= 1.0,
+                f"{name} eps is {self.eps!r}; expected a number in [0, 1]")
         require(self.alpha is None or (is_number(self.alpha) and self.alpha > 0.0),
                 f"{name} alpha is {self.alpha!r}; expected None (eps / 10) or a number > 0")
         require(is_count(self.steps), f"{name} steps is {self.steps!r}; expected an int >= 1")
-        require(is_number(self.weight) and self.weight >= 0.0, f"{name} weight is {self.weight!r}; expected a number >= 0")
-        require(is_number(self.evidence_margin), f"{name} evidence_margin is {self.evidence_margin!r}; expected a number")
+        require(is_number(self.weight) and self.weight >= 0.0,
+                f"{name} weight is {self.weight!r}; expected a number >= 0")
+        require(is_number(self.evidence_margin),
+                f"{name} evidence_margin is {self.evidence_margin!r}; expected a number")
         require(is_number(self.confidence) and self.confidence >= 0.0,
                 f"{name} confidence is {self.confidence!r}; expected a number >= 0")
         require(self.loss in LOSSES, f"{name} loss is {self.loss!r}; expected one of {', '.join(LOSSES)}")
+        require(isinstance(self.step_decay, bool), f"{name} step_decay is {self.step_decay!r}; expected a bool")
         require(isinstance(self.random_start, bool), f"{name} random_start is {self.random_start!r}; expected a bool")
         require(is_count(self.seed, minimum=0), f"{name} seed is {self.seed!r}; expected an int >= 0")
 
@@ -70,6 +76,12 @@ class AdaptivePGDConfig:
     def step_size(self) -> float:
         """alpha, or eps / 10 when alpha is None."""
         return self.eps / 10.0 if self.alpha is None else float(self.alpha)
+
+    def step_at(self, step: int) -> float:
+        """The step size of step `step` (0-based): constant, or cosine-decayed to 1% of alpha at the last step."""
+        if not self.step_decay or self.steps == 1:
+            return self.step_size
+        return self.step_size * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / (self.steps - 1))))
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str,
@@ -83,23 +95,10 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Ten
     return F.cross_entropy(logits, target, reduction="none")
 
 
-class EvidencePGD(AdversarialAttack):
+class EvidencePGD(EvidenceAware):
     """The loop every evidence-aware PGD shares; subclasses choose each step's direction (`_direction`)."""
 
     config: AdaptivePGDConfig
-
-    def __init__(self, config: AdaptivePGDConfig | None = None, evidence: Evidence | None = None) -> None:
-        super().__init__(config)
-        require(evidence is None or callable(evidence), f"evidence is {evidence!r}; expected a callable or None")
-        self.evidence = evidence
-
-    def against(self, evidence: Evidence | None) -> "EvidencePGD":
-        """The same attack aimed at another defence's evidence (None: no defence)."""
-        return type(self)(self.config, evidence)
-
-    def with_config(self, **changes: object) -> "EvidencePGD":
-        """The same attack with some settings changed (e.g. another eps)."""
-        return type(self)(dataclasses.replace(self.config, **changes), self.evidence)
 
     def _terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,9 +112,7 @@ class EvidencePGD(AdversarialAttack):
             zero = torch.zeros(x.shape[0], device=x.device)
             return g_cls, torch.zeros_like(x), cls.detach(), zero, logits.detach()
         xe = x.detach().requires_grad_(True)
-        ev = self.evidence(xe)
-        require(ev.shape == (x.shape[0],), f"evidence gave shape {tuple(ev.shape)} for {x.shape[0]} inputs; "
-                                           "expected one value per input")
+        ev = self.evidence_of(xe)
         g_ev = input_gradient(ev.sum(), xe)
         return g_cls, g_ev, cls.detach(), ev.detach(), logits.detach()
 
@@ -128,7 +125,7 @@ class EvidencePGD(AdversarialAttack):
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                  generator: torch.Generator) -> torch.Tensor:
-        eps, alpha, steps = self.config.eps, self.config.step_size, self.config.steps
+        eps, steps = self.config.eps, self.config.steps
         adv = x.clone()
         if self.config.random_start and eps > 0:
             noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).mul_(2 * eps).sub_(eps)
@@ -144,7 +141,7 @@ class EvidencePGD(AdversarialAttack):
             best_ev[keep] = ev[keep].to(best_ev.dtype)
             if step == steps:
                 break
-            adv = adv - alpha * self._direction(g_cls, g_ev, ev, fooled).sign()
+            adv = adv - self.config.step_at(step) * self._direction(g_cls, g_ev, ev, fooled).sign()
             adv = torch.min(torch.max(adv, x - eps), x + eps).clamp_(0.0, 1.0)
         never = torch.isinf(best_ev)
         best[never] = adv[never]

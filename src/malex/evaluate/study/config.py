@@ -170,13 +170,13 @@ def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
 
 
 def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec:
-    from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, EvidencePGD, make_adversarial
+    from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, EvidenceAware, make_adversarial
 
     method = read_str(table, "attack", where, name)
     if method not in ADVERSARIAL_ATTACKS:
         raise ConfigError(f"{where}.attack: unknown adversarial attack {method!r}; expected one of "
                           f"{', '.join(ADVERSARIAL_ATTACKS)}")
-    if issubclass(ADVERSARIAL_ATTACKS[method], EvidencePGD):
+    if issubclass(ADVERSARIAL_ATTACKS[method], EvidenceAware):
         raise ConfigError(f"{where}.attack: {method!r} attacks a fitted guard, which the study does not hand to "
                           "attacks yet; measure it with benchmarks/adaptive_attacks.py")
     targeted = read_bool(table, "targeted", where, False)
