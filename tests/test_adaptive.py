@@ -116,3 +116,20 @@ def test_gradient_check_catches_a_score_passed_without_gradient(poisoned_digits,
     guard = Guard(p["model"], GuardConfig(detectors=("kd_bu",), progress=False)).fit(p["data"].val.x, p["data"].val.y)
     assert guard.detectors["kd_bu"].use_bu_
     assert gradient_check(guard, guarded["x"][:1]) == {"guard": False, "kd_bu": False}
+
+
+def test_feature_matching_passes_mahalanobis_more_often_than_plain_pgd(poisoned_digits, guarded):
+    """The second family: no detector knowledge, only clean guides. Measured when written on 100 sources at eps 0.3:
+    fooled 0.82, attacker success 0.59 against plain PGD's 0.39."""
+    g, m, x, y = guarded["guard"], guarded["model"], guarded["x"][:100], guarded["y"][:100]
+    data = poisoned_digits["data"]
+    plain = make_adversarial("pgd", eps=EPS, alpha=0.03, steps=30).run(m, x, y, progress=False)
+    matched = make_adversarial("feature_matching", eps=EPS, steps=30).toward(data.val.x, data.val.y).run(
+        m, x, y, progress=False)
+    assert matched.success_rate >= 0.7 and matched.linf.max() <= EPS + 1e-6
+    assert attacker_success(g, matched) >= attacker_success(g, plain) + 0.1
+    with pytest.raises(ConfigError, match="no guides"):
+        make_adversarial("feature_matching").run(m, x[:2], y[:2], progress=False)
+    with pytest.raises(ConfigError, match="guide of a class"):
+        make_adversarial("feature_matching").toward(data.val.x[:5], torch.zeros(5, dtype=torch.long)).run(
+            m, x[:4], torch.zeros(4, dtype=torch.long), progress=False)

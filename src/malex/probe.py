@@ -15,7 +15,7 @@ from torch import nn
 
 from malex.device import model_device
 from malex.errors import ConfigError
-from malex.models.anatomy import INPUT_SUFFIX, stage_layers
+from malex.models.anatomy import INPUT_SUFFIX, penultimate_input, stage_layers
 from malex.models.inference import eval_mode
 from malex.progress import track
 
@@ -66,6 +66,18 @@ def default_layers(model: nn.Module) -> list[str]:
     if declared:
         return list(declared)
     return stage_layers(model)[0]
+
+
+def penultimate_layer(model: nn.Module) -> str:
+    """The last hidden layer: among a malex model's declared probe layers, the one before the logits layer; for
+    a model that declares none, the features its last dense layer reads (its input: e.g. the pooled features of
+    a global-pool head, past the last block's normalisation, skip connection and activation)."""
+    if not getattr(model, "probe_layers", None) and (features := penultimate_input(model)) is not None:
+        return features
+    layers = default_layers(model)
+    if not layers:
+        raise ConfigError("the model declares no probe layers and has no Conv2d/Linear modules")
+    return layers[-2] if len(layers) >= 2 else layers[-1]
 
 
 class Probe:

@@ -1,12 +1,13 @@
-"""Adversarial attacks (FGSM, PGD, CW-L2, and the detector-aware adaptive PGD, orthogonal PGD and adaptive CW):
-torch-native, batched, on inputs in [0, 1].
+"""Adversarial attacks (FGSM, PGD, CW-L2; the detector-aware adaptive PGD, orthogonal PGD and adaptive
+CW; feature matching): torch-native, batched, on inputs in [0, 1].
 
 Build one by class (`PGD(PGDConfig(eps=0.1))`) or by name (`make_adversarial("pgd", eps=0.1)`), then
 `attack.run(model, x, y)` for an untargeted run or `attack.run(model, x, y, target=t)` for a targeted one;
 `craft_successful(attack, model, x, y)` keeps only the successful examples made from correctly classified inputs.
 The detector-aware attacks take the defence as a plain differentiable callable, `evidence(x) -> (N,)`, positive
 where it flags (`make_adversarial("adaptive_pgd", eps=0.3).against(evidence)`; the guard's is
-`malex.guard.surrogate.GuardEvidence`); without one they attack the undefended model.
+`malex.guard.surrogate.GuardEvidence`); without one they attack the undefended model. Feature matching is given
+clean guide inputs instead (`make_adversarial("feature_matching").toward(x_clean, y_clean)`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from malex.attacks.adversarial.adaptive_pgd import AdaptivePGD, AdaptivePGDConfi
 from malex.attacks.adversarial.base import AdversarialAttack, AdversarialResult
 from malex.attacks.adversarial.cw import CW, CWConfig
 from malex.attacks.adversarial.evidence import Evidence, EvidenceAware
+from malex.attacks.adversarial.feature_matching import FeatureMatching, FeatureMatchingConfig
 from malex.attacks.adversarial.fgsm import FGSM, FGSMConfig
 from malex.attacks.adversarial.orthogonal_pgd import OrthogonalPGD
 from malex.attacks.adversarial.pgd import PGD, PGDConfig
@@ -25,7 +27,7 @@ from malex.attacks.adversarial.successful import craft_successful
 from malex.errors import ConfigError
 
 ADVERSARIAL_ATTACKS: dict[str, type[AdversarialAttack]] = {
-    cls.name: cls for cls in (FGSM, PGD, CW, AdaptivePGD, OrthogonalPGD, AdaptiveCW)
+    cls.name: cls for cls in (FGSM, PGD, CW, AdaptivePGD, OrthogonalPGD, AdaptiveCW, FeatureMatching)
 }
 
 
@@ -55,6 +57,8 @@ __all__ = [
     "CW",
     "CWConfig",
     "FGSM",
+    "FeatureMatching",
+    "FeatureMatchingConfig",
     "FGSMConfig",
     "PGD",
     "PGDConfig",

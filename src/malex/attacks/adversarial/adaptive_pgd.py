@@ -22,14 +22,13 @@ the chosen loss (evidence 0 everywhere), so it also measures the attack against 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malex.attacks.adversarial.base import input_gradient, is_count, is_number, require
+from malex.attacks.adversarial.base import cosine_step, input_gradient, is_count, is_number, require
 from malex.attacks.adversarial.cw import margin
 from malex.attacks.adversarial.evidence import EvidenceAware
 
@@ -79,9 +78,7 @@ class AdaptivePGDConfig:
 
     def step_at(self, step: int) -> float:
         """The step size of step `step` (0-based): constant, or cosine-decayed to 1% of alpha at the last step."""
-        if not self.step_decay or self.steps == 1:
-            return self.step_size
-        return self.step_size * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / (self.steps - 1))))
+        return cosine_step(self.step_size, step, self.steps) if self.step_decay else self.step_size
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str,

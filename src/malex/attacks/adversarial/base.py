@@ -105,6 +105,13 @@ def is_count(value: object, minimum: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def cosine_step(alpha: float, step: int, steps: int) -> float:
+    """The size of step `step` (0-based) of `steps`: alpha decayed along a cosine to alpha / 100 at the last."""
+    if steps <= 1:
+        return alpha
+    return alpha * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / (steps - 1))))
+
+
 def input_gradient(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """d loss / d x without accumulating anything into the model's parameters' `.grad`."""
     (grad,) = torch.autograd.grad(loss, [x])
