@@ -1,9 +1,9 @@
 """Adaptive attacks on MNIST: how often an attacker who knows the guard both fools the model and passes the guard.
 
-Run by hand from the repository root (not in CI; at --n 150 about 20-30 minutes per seed on one thread of a busy
-2-core machine; seeds can run as separate processes, one --seeds each, then once more with all seeds to report):
+Run by hand from the repository root (not in CI; at the default --n 80 about 15 CPU-minutes per seed on one
+thread; seeds can run as separate processes, one --seeds each, then once more with all seeds to report):
 
-    python benchmarks/adaptive_attacks.py --seeds 0 1 --out benchmarks/results/adaptive_attacks.md
+    python benchmarks/adaptive_attacks.py --seeds 0 1 --n 80 --out benchmarks/results/adaptive_attacks.md
 
 Per seed: the study's clean mnist_cnn (benchmarks/adaptive_model.py, cached under malex-out/adaptive/); the
 default guard (5% FPR) fitted on the first 5,000 clean validation inputs, and beside it one guard per member
@@ -12,7 +12,8 @@ draw) as sources. For eps 0.15, 0.3 and 0.6 it runs plain PGD (the study's recip
 eps/30) and, against each target (the guard and each member alone), `adaptive_pgd` and `orthogonal_pgd` (their
 defaults: 100 steps from eps/10 down a cosine to eps/1000) given that target's `GuardEvidence`. "Attacker
 success" is the share of sources whose adversarial example fools the model AND passes the target at its
-calibrated threshold.
+calibrated threshold. Against the guard also: CW-L2 plain and adaptive (`adaptive_cw`), and feature matching
+(`feature_matching`, guided by the guard's clean fit inputs) at each eps.
 
 Sanity checks (per seed): against no detector `adaptive_pgd` with the CE loss is plain PGD (identical examples)
 and with its default margin loss fools the model as often; attacker success against the guard grows with eps; an
@@ -54,11 +55,13 @@ def plain_pgd(eps: float):
 
 
 def outcome(guard: Guard, result) -> dict:
-    """Fooled, flagged and attacker-success rates of one attack run under one guard."""
+    """Fooled, flagged and attacker-success rates of one attack run under one guard, its time and mean L2 / Linf
+    perturbation over the fooled inputs."""
     flagged = guard.screen(result.x_adv).flagged
     fooled = result.success.numpy()
     return {"fooled": float(fooled.mean()), "flagged": float(flagged.mean()),
-            "attacker_success": float((fooled & ~flagged).mean()), "seconds": float(result.seconds)}
+            "attacker_success": float((fooled & ~flagged).mean()), "seconds": float(result.seconds),
+            "mean_l2": result.mean_l2, "mean_linf": result.mean_linf}
 
 
 def run_seed(seed: int, n: int) -> dict:
@@ -92,6 +95,14 @@ def run_seed(seed: int, n: int) -> dict:
         out["adaptive"].setdefault(str(eps), {}).setdefault(attack, {})[target] = outcome(targets[target], result)
         if target != "guard":  # an attack aimed at one member, screened by the whole guard
             out["cross"].setdefault(str(eps), {}).setdefault(attack, {})[target] = outcome(guard, result)
+
+    # --- the other families, against the guard: CW-L2 plain and adaptive, feature matching ---
+    cw = {"steps": 100, "lr": 0.05, "binary_search_steps": 3, "c": 0.1}  # the study's CW, 3 binary-search steps
+    out["cw"] = {"cw": outcome(guard, make_adversarial("cw", **cw).run(model, x, y, progress=False)),
+                 "adaptive_cw": outcome(guard, make_adversarial("adaptive_cw", **cw).against(evidence["guard"]).run(
+                     model, x, y, progress=False))}
+    out["feature_matching"] = {str(eps): outcome(guard, make_adversarial("feature_matching", eps=eps).toward(
+        fit_x, fit_y).run(model, x, y, progress=False)) for eps in EPSILONS}
 
     # --- sanity checks ---
     sanity: dict = {}
@@ -135,9 +146,8 @@ def report(runs: list[dict], command: str) -> str:
         f"Command: `{command}`",
         "",
         f"Seeds {seeds}; per seed {runs[0]['n']} correctly classified test sources; the study's mnist_cnn (clean test "
-        f"accuracy {accuracies}); every target (the default guard, and each "
-        f"member alone as a one-detector guard) fitted on {N_FIT} clean validation inputs at 5% FPR. Cells are percent, "
-        "mean ± std over seeds. **Attacker success** = fools the model AND passes the target at its calibrated "
+        f"accuracy {accuracies}); every target (the default guard, and each member alone as a one-detector guard) "
+        f"fitted on {N_FIT} clean validation inputs at 5% FPR. Cells are percent, mean ± std over seeds. **Attacker success** = fools the model AND passes the target at its calibrated "
         "threshold. Plain PGD: 40 steps of eps/30; adaptive_pgd / orthogonal_pgd: 100 steps from eps/10 down a "
         "cosine to eps/1000, weight 0.1, evidence margin 2, against the "
         "target's differentiable surrogate (`malex.guard.surrogate.GuardEvidence`, 20 mutants per mutation detector).",
@@ -172,6 +182,16 @@ def report(runs: list[dict], command: str) -> str:
         cells = [mean_std([r["cross"][str(e)][a][t]["attacker_success"] for r in runs]) for e in EPSILONS
                  for a in ADAPTIVE]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "## Other families against the guard: CW-L2 (untargeted, 3 x 100 Adam steps from c 0.1) and feature "
+              "matching (100 steps, guides: the guard's clean fit inputs)", "",
+              "| attack | fooled % | flagged % | attacker success % | mean L2 (fooled) | mean Linf (fooled) |",
+              "|---|---|---|---|---|---|"]
+    rows = [(a, [r["cw"][a] for r in runs]) for a in ("cw", "adaptive_cw")]
+    rows += [(f"feature_matching eps {e}", [r["feature_matching"][str(e)] for r in runs]) for e in EPSILONS]
+    for label, cell in rows:
+        rates = " | ".join(mean_std([c[k] for c in cell]) for k in ("fooled", "flagged", "attacker_success"))
+        norms = " | ".join(f"{np.nanmean([c[k] for c in cell]):.2f}" for k in ("mean_l2", "mean_linf"))
+        lines.append(f"| {label} | {rates} | {norms} |")
     lines += ["", "## Sanity checks", "",
               "| seed | undefended (eps 0.3): PGD / adaptive CE / identical / adaptive margin, fooled % | "
               "guard attacker success grows with eps (adaptive, orthogonal) | unbounded (eps 1) vs guard: adaptive, "
@@ -199,7 +219,7 @@ def report(runs: list[dict], command: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--n", type=int, default=200, help="correctly classified test sources per seed")
+    p.add_argument("--n", type=int, default=80, help="correctly classified test sources per seed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive_attacks.md"))
     p.add_argument("--fresh", action="store_true", help="recompute seeds whose results are cached")
     args = p.parse_args()
