@@ -150,7 +150,8 @@ def report(runs: list[dict], command: str) -> str:
         f"fitted on {N_FIT} clean validation inputs at 5% FPR. Cells are percent, mean ± std over seeds. "
         "**Attacker success** = fools the model AND passes the target at its calibrated threshold. Plain PGD: 40 "
         "steps of eps/30; adaptive_pgd / orthogonal_pgd: 100 steps from eps/10 down a cosine to eps/1000, weight 0.1, "
-        "evidence margin 2, against the target's differentiable surrogate (`malex.guard.surrogate.GuardEvidence`, 20 mutants per mutation detector).",
+        "evidence margin 2, against the target's differentiable surrogate (`malex.guard.surrogate.GuardEvidence`, "
+        "20 mutants per mutation detector).",
         "",
         "## Attacker success (%)",
         "",
