@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malex.attacks.adversarial.base import cosine_step, input_gradient, is_count, is_number, require
+from malex.attacks.adversarial.base import (
+    cosine_step, input_gradient, is_count, is_number, linf_project, random_start, require,
+)
 from malex.attacks.adversarial.cw import margin
 from malex.attacks.adversarial.evidence import EvidenceAware
 
@@ -123,10 +125,7 @@ class EvidencePGD(EvidenceAware):
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                  generator: torch.Generator) -> torch.Tensor:
         eps, steps = self.config.eps, self.config.steps
-        adv = x.clone()
-        if self.config.random_start and eps > 0:
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).mul_(2 * eps).sub_(eps)
-            adv = (adv + noise.to(x.device)).clamp_(0.0, 1.0)
+        adv = random_start(x, eps, generator) if self.config.random_start and eps > 0 else x.clone()
         best = adv.clone()
         best_ev = torch.full((x.shape[0],), float("inf"), device=x.device)
         for step in range(steps + 1):
@@ -139,7 +138,7 @@ class EvidencePGD(EvidenceAware):
             if step == steps:
                 break
             adv = adv - self.config.step_at(step) * self._direction(g_cls, g_ev, ev, fooled).sign()
-            adv = torch.min(torch.max(adv, x - eps), x + eps).clamp_(0.0, 1.0)
+            adv = linf_project(adv, x, eps)
         never = torch.isinf(best_ev)
         best[never] = adv[never]
         return best

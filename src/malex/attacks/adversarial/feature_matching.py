@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from malex.attacks.adversarial.base import AdversarialAttack, cosine_step, input_gradient, is_count, is_number, require
+from malex.attacks.adversarial.base import (
+    AdversarialAttack, cosine_step, input_gradient, is_count, is_number, linf_project, random_start, require,
+)
 from malex.data import to_labels, to_nchw_float
 from malex.errors import ConfigError
 from malex.probe import penultimate_layer, trace
@@ -92,10 +94,7 @@ class FeatureMatching(AdversarialAttack):
         goal = guide_f[d2.masked_fill(~allowed, float("inf")).argmin(dim=1)]
 
         eps = self.config.eps
-        adv = x.clone()
-        if self.config.random_start and eps > 0:
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).mul_(2 * eps).sub_(eps)
-            adv = (adv + noise.to(x.device)).clamp_(0.0, 1.0)
+        adv = random_start(x, eps, generator) if self.config.random_start and eps > 0 else x.clone()
         best = adv.clone()
         best_d = torch.full((x.shape[0],), float("inf"), device=x.device)
         for step in range(self.config.steps + 1):
@@ -112,7 +111,7 @@ class FeatureMatching(AdversarialAttack):
                 break
             grad = input_gradient(dist.sum(), xg)
             adv = adv - self.config.step_at(step) * grad.sign()
-            adv = torch.min(torch.max(adv, x - eps), x + eps).clamp_(0.0, 1.0)
+            adv = linf_project(adv, x, eps)
         never = torch.isinf(best_d)
         best[never] = adv[never]
         return best
