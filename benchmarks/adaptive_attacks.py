@@ -1,12 +1,12 @@
 """Adaptive attacks on MNIST: how often an attacker who knows the guard both fools the model and passes the guard.
 
-Run by hand from the repository root (not in CI; at the default --n 80 about 15 CPU-minutes per seed on one
+Run by hand from the repository root (not in CI; at the default --n 50 about 6 CPU-minutes per seed on one
 thread; seeds can run as separate processes, one --seeds each, then once more with all seeds to report):
 
-    python benchmarks/adaptive_attacks.py --seeds 0 1 --n 80 --out benchmarks/results/adaptive_attacks.md
+    python benchmarks/adaptive_attacks.py --seeds 0 1 --n 50 --out benchmarks/results/adaptive_attacks.md
 
 Per seed: the study's clean mnist_cnn (benchmarks/adaptive_model.py, cached under malex-out/adaptive/); the
-default guard (5% FPR) fitted on the first 5,000 clean validation inputs, and beside it one guard per member
+default guard (5% FPR) fitted on the first 3,000 clean validation inputs, and beside it one guard per member
 (the member alone, calibrated the same way, on the same inputs); `--n` correctly classified test inputs (a seeded
 draw) as sources. For eps 0.15, 0.3 and 0.6 it runs plain PGD (the study's recipe scaled with eps: 40 steps of
 eps/30) and, against each target (the guard and each member alone), `adaptive_pgd` and `orthogonal_pgd` (their
@@ -46,7 +46,7 @@ from adaptive_model import CACHE, cached_model  # benchmarks/ is on sys.path whe
 
 EPSILONS = (0.15, 0.3, 0.6)
 ADAPTIVE = ("adaptive_pgd", "orthogonal_pgd")
-N_FIT = 5000
+N_FIT = 3000  # as the study: 2,000 fit + 1,000 calibration inputs
 
 
 def plain_pgd(eps: float):
@@ -220,7 +220,7 @@ def report(runs: list[dict], command: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--n", type=int, default=80, help="correctly classified test sources per seed")
+    p.add_argument("--n", type=int, default=50, help="correctly classified test sources per seed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive_attacks.md"))
     p.add_argument("--fresh", action="store_true", help="recompute seeds whose results are cached")
     args = p.parse_args()
