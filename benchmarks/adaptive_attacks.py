@@ -46,7 +46,7 @@ from adaptive_model import CACHE, cached_model  # benchmarks/ is on sys.path whe
 
 EPSILONS = (0.15, 0.3, 0.6)
 ADAPTIVE = ("adaptive_pgd", "orthogonal_pgd")
-N_FIT = 3000  # as the study: 2,000 fit + 1,000 calibration inputs
+N_FIT = 3000  # as many as the study's fit and calibration pools together (the guard splits them 60/40)
 
 
 def plain_pgd(eps: float):
