@@ -38,6 +38,7 @@ import torch
 from malex.attacks.adversarial import make_adversarial
 from malex.data import load_dataset
 from malex.guard import Guard, GuardConfig
+from malex.guard.guard import calibrate_guard
 from malex.guard.surrogate import GuardEvidence, gradient_check, rank_agreement
 from malex.models.inference import predict
 from malex.progress import track
@@ -52,6 +53,19 @@ N_FIT = 3000  # as many as the study's fit and calibration pools together (the g
 def plain_pgd(eps: float):
     """The study's PGD-Linf (eps 0.3: 40 steps of 0.01), its step scaled with eps."""
     return make_adversarial("pgd", eps=eps, alpha=eps / 30, steps=40)
+
+
+def member_guard(guard: Guard, name: str) -> Guard:
+    """The guard's member `name` alone as a one-detector guard: the same fitted detector and clean calibration
+    scores, its own threshold at the same FPR (what fitting that guard alone on the same inputs and seed gives,
+    without fitting the detector again)."""
+    alone = Guard(guard.model, GuardConfig(detectors=(name,), settings={k: v for k, v in guard.config.settings.items()
+                                                                        if k == name},
+                                           fpr=guard.config.fpr, seed=guard.config.seed, progress=False))
+    alone.detectors = {name: guard.detectors[name]}
+    alone.calibration_scores_ = {name: guard.calibration_scores_[name]}
+    alone.threshold_ = calibrate_guard(alone.calibration_scores_, guard.config.fpr)
+    return alone
 
 
 def outcome(guard: Guard, result) -> dict:
@@ -72,9 +86,7 @@ def run_seed(seed: int, n: int) -> dict:
     fit_x, fit_y = data.val.x[:N_FIT], data.val.y[:N_FIT]
     guard = Guard(model, GuardConfig(seed=seed, progress=False)).fit(fit_x, fit_y)
     members = list(guard.detectors)
-    targets = {"guard": guard}
-    for name in members:
-        targets[name] = Guard(model, GuardConfig(detectors=(name,), seed=seed, progress=False)).fit(fit_x, fit_y)
+    targets = {"guard": guard, **{name: member_guard(guard, name) for name in members}}
     evidence = {name: GuardEvidence(t) for name, t in targets.items()}
 
     order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(seed))
