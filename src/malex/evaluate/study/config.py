@@ -179,12 +179,15 @@ def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
 
 
 def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec:
-    from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, make_adversarial
+    from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, EvidenceAware, make_adversarial
 
     method = read_str(table, "attack", where, name)
     if method not in ADVERSARIAL_ATTACKS:
         raise ConfigError(f"{where}.attack: unknown adversarial attack {method!r}; expected one of "
                           f"{', '.join(ADVERSARIAL_ATTACKS)}")
+    if issubclass(ADVERSARIAL_ATTACKS[method], EvidenceAware):
+        raise ConfigError(f"{where}.attack: {method!r} attacks a fitted guard, which the study does not hand to "
+                          "attacks yet; measure it with benchmarks/adaptive_attacks.py")
     targeted = read_bool(table, "targeted", where, False)
     settings = as_settings({k: v for k, v in table.items() if k not in ("attack", "targeted")})
     check_keys(settings, config_fields(ADVERSARIAL_ATTACKS[method].config_class) | {"attack", "targeted"}, where)
