@@ -32,9 +32,10 @@ TRIGGERS = {"BadNets": ("badnets", {"size": 2, "margin": 0}), "Blend": ("blend",
 TARGET = 1
 
 
-def run_one(trigger_name: str, seed: int, detectors: tuple[str, ...], guard_detectors: tuple[str, ...]) -> dict:
-    """One poisoned model and its attacks; every detector's rows (from a guard holding them all) and the
-    rows, clean FPR and verdict accuracy of the guard holding `guard_detectors`."""
+def poisoned_and_attacked(trigger_name: str, seed: int, cw_searches: int = 5):
+    """(trained model, data, correctly classified test inputs, malicious sets): a digits CNN poisoned with
+    `trigger_name`, its successful trigger inputs, and PGD, PGD-stop and CW (100 steps x `cw_searches` searches
+    over c) examples of the correctly classified test inputs (successful ones only)."""
     data = load_digits(seed)
     kind, settings = TRIGGERS[trigger_name]
     trigger = make_trigger(kind, **settings)
@@ -49,8 +50,17 @@ def run_one(trigger_name: str, seed: int, detectors: tuple[str, ...], guard_dete
             model, correct.x, correct.y, progress=False).successful(),
         "PGD-stop": make_adversarial("pgd", eps=0.2, alpha=0.02, steps=20, random_start=False, early_stop=True).run(
             model, correct.x, correct.y, progress=False).successful(),
-        "CW": make_adversarial("cw", steps=100).run(model, correct.x, correct.y, progress=False).successful(),
+        "CW": make_adversarial("cw", steps=100, binary_search_steps=cw_searches).run(
+            model, correct.x, correct.y, progress=False).successful(),
     }
+    return trained, data, correct, malicious
+
+
+def run_one(trigger_name: str, seed: int, detectors: tuple[str, ...], guard_detectors: tuple[str, ...]) -> dict:
+    """One poisoned model and its attacks; every detector's rows (from a guard holding them all) and the
+    rows, clean FPR and verdict accuracy of the guard holding `guard_detectors`."""
+    trained, data, correct, malicious = poisoned_and_attacked(trigger_name, seed)
+    model = trained.model
     every = Guard(model, GuardConfig(detectors=detectors, seed=seed, progress=False)).fit(data.val.x, data.val.y)
     guard = Guard(model, GuardConfig(detectors=guard_detectors, seed=seed, progress=False)).fit(data.val.x, data.val.y)
     rows = [r for r in evaluate_guard(every, correct.x, malicious) if r[0] != GUARD_ROW]

@@ -332,7 +332,8 @@ def test_craft_successful_with_no_success_and_bad_settings(trained):
 
 
 def test_registry_builds_configured_attacks():
-    assert set(ADVERSARIAL_ATTACKS) == {"fgsm", "pgd", "cw"}
+    assert set(ADVERSARIAL_ATTACKS) == {"fgsm", "pgd", "cw", "adaptive_pgd", "orthogonal_pgd", "adaptive_cw",
+                                       "feature_matching"}
     pgd = make_adversarial("pgd", eps=0.05, steps=7)
     assert isinstance(pgd, PGD) and pgd.config == PGDConfig(eps=0.05, steps=7)
     assert pgd.config.step_size == pytest.approx(0.0125)

@@ -327,7 +327,8 @@ def test_genuine_bugs_keep_their_traceback(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- demo never overwrites
 
 
-@pytest.mark.parametrize("existing", ["model.safetensors", "results.json", "roc_curves.png", "lcr_histograms.png"])
+@pytest.mark.parametrize("existing", ["model.safetensors", "results.json", "roc_curves.png", "lcr_histograms.png",
+                                      "verdicts.png"])
 def test_demo_refuses_a_folder_holding_its_files(tmp_path, monkeypatch, capsys, existing):
     # the demo overwrote model.safetensors and results.json, against "nothing is overwritten without --force"
     (tmp_path / existing).write_bytes(b"precious")

@@ -448,3 +448,35 @@ def test_gtsrb_validation_tracks_become_groups_only_when_laid_out_as_tracks():
     assert _with_gtsrb_tracks(data).val.groups.tolist() == [0] * 30 + [1] * 30 + [2] * 30
     shuffled = Split(split.x, split.y[torch.randperm(n, generator=torch.Generator().manual_seed(0))])
     assert _with_gtsrb_tracks(Dataset("gtsrb", shuffled, shuffled, shuffled, 43)).val.groups is None
+
+
+def test_grouped_split_puts_every_class_on_both_sides_where_its_groups_allow():
+    """Two unequal groups (sizes 9 and 1) used to both fall on the first side; a class with one group cannot be
+    on both sides, and the warning names it and the side it misses."""
+    import warnings
+
+    from malex.data import grouped_split
+
+    y = torch.tensor([0] * 10 + [1] * 10 + [2] * 10)
+    groups = torch.tensor([0] * 9 + [1] + [2] * 5 + [3] * 5 + [4] * 10)  # class 0: 9 + 1, class 1: 5 + 5, class 2: one
+    for seed in range(6):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit, cal = grouped_split(y, groups, (0.6, 0.4), seed, part_names=("fit", "calibration"))
+        assert set(y[fit].tolist()) == {0, 1, 2} and set(y[cal].tolist()) == {0, 1}
+        assert not set(groups[fit].tolist()) & set(groups[cal].tolist())
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and "calibration: class 2" in messages[0]
+
+
+def test_grouped_split_warns_nothing_when_every_class_has_groups_enough():
+    import warnings
+
+    from malex.data import grouped_split
+
+    y = torch.arange(3).repeat_interleave(10)
+    groups = torch.arange(30) // 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit, cal = grouped_split(y, groups, (0.6, 0.4), 0)
+    assert set(y[fit].tolist()) == set(y[cal].tolist()) == {0, 1, 2}

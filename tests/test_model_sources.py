@@ -189,7 +189,19 @@ def cli_runs(folder, digits):
         "predict": ["predict", path / "model.pt", path / "inputs.npy", *arch, "--mean", "0.3", "--std", "0.4",
                     "--input-shape", "1,8,8"],
         "info_export": ["info", path / "model.pt2"],
+        "info_given": ["info", path / "model.pt", *arch, "--input-shape", "1,8,8", "--layers", "stem.2, fc:in"],
+        "bad_layer": ["info", path / "model.pt2", "--layers", "fc:in,nope"],
+        "fit_layers": ["fit", path / "model.pt", *arch, "--data", "digits", "--detectors", "mahalanobis,kd_bu",
+                       "--layers", "stem.2,fc:in", "--out", path / "layers_guard.safetensors"],
+        "odd_size": ["predict", path / "model.pt2", path / "big_images"],
+        "resized": ["predict", path / "model.pt2", path / "big_images", "--resize"],
     }
+    from PIL import Image
+
+    (path / "big_images").mkdir(exist_ok=True)
+    for i in range(3):
+        Image.fromarray((digits.test.x[i, 0].numpy() * 255).astype(np.uint8)).resize((16, 16)).save(
+            path / "big_images" / f"{i}.png")
     with ThreadPoolExecutor(2) as pool:
         done = dict(zip(runs, pool.map(lambda args: run_cli(*args, cwd=path), runs.values())))
         fit = run_cli("fit", path / "model.pt", *arch, "--mean", "0.3", "--std", "0.4", "--data", "digits",
@@ -231,6 +243,32 @@ def test_cli_info_names_kind_head_and_penultimate_layer(cli_runs):
     described = json.loads(res.stdout)
     assert described["kind"] == "export" and described["input_shape"] == [1, 8, 8] and described["num_classes"] == 10
     assert described["head"]["module"] == "fc" and described["penultimate_layer"] == "fc:in"
+
+
+def test_cli_info_says_which_probe_layers_and_why(cli_runs):
+    found = json.loads(cli_runs[1]["info_export"].stdout)["probe_layers"]
+    assert found["layers"][-1] == "fc:in" and "traced dummy pass" in found["reason"]
+    given = json.loads(cli_runs[1]["info_given"].stdout)["probe_layers"]
+    assert given == {"layers": ["stem.2", "fc:in"], "reason": "given with --layers"}
+    assert_one_error_line(cli_runs[1]["bad_layer"], "model has no layer 'nope'")
+
+
+def test_cli_fit_layers_reach_the_feature_space_detectors_and_the_guard_file(cli_runs, folder):
+    path, done, *_ = cli_runs
+    assert done["fit_layers"].returncode == 0, done["fit_layers"].stderr
+    _, net = folder
+    guard = Guard.load(path / "layers_guard.safetensors", load(ModelSpec(path / "model.pt", "tinynet:Net",
+                                                                         {"width": 6}, (1, 8, 8))).module)
+    assert guard.config.settings == {"mahalanobis": {"layers": ["stem.2", "fc:in"]}, "kd_bu": {"layer": "fc:in"}}
+    assert guard.detectors["mahalanobis"].layers() == ["stem.2", "fc:in"]
+
+
+def test_cli_images_of_another_size_are_refused_unless_resized(cli_runs, folder):
+    path, done, *_ = cli_runs
+    _, net = folder
+    assert_one_error_line(done["odd_size"], "16x16")
+    assert done["resized"].returncode == 0, done["resized"].stderr
+    assert len(done["resized"].stdout.split()) == 3
 
 
 def test_service_serves_a_foreign_model(folder, digits, monkeypatch):

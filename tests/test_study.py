@@ -152,6 +152,54 @@ def test_a_selected_part_is_computed_and_the_tables_cover_the_whole_grid(study_r
         study.run(select=Selection.of(seeds=[7]))
 
 
+def test_cells_measure_the_guards_verdicts_on_a_mixed_stream(study_run):
+    done, _ = study_run["study"].results()
+    for cell in done:
+        v = cell["verdict"]
+        matrix = np.array(v["confusion"])
+        assert v["labels"] == ["benign", "adversarial", "backdoor"]
+        kind = v["labels"].index(cell["kind"])
+        other = 3 - kind  # the malicious kind it is not
+        assert matrix[0].sum() == 80 and matrix[kind].sum() == 40 and matrix[other].sum() == 0
+        guard = next(r for r in cell["rows"] if r["detector"] == "guard")
+        assert matrix[0, 0] / 80 == pytest.approx(guard["clean_pass"])  # clean inputs not flagged are benign
+        assert matrix[kind, 1:].sum() / 40 == pytest.approx(guard["malicious_caught"])
+        assert v["accuracy"] == pytest.approx((matrix[0, 0] + matrix[kind, kind]) / 120)
+        assert v["typed_right"] == pytest.approx(matrix[kind, kind] / 40)
+        members = [r for r in cell["rows"] if r["detector"] in ("msp", "mutation_adv")]
+        assert v["gap_member_auroc"] == pytest.approx(guard["auroc"] - max(r["auroc"] for r in members))
+    md = (study_run["out"] / "results.md").read_text()
+    assert "### The guard's verdicts on the mixed stream" in md and "malicious typed right" in md
+
+
+def test_cells_cached_before_verdicts_load_and_are_measured_without_refitting(study_run, tmp_path):
+    """A folder written before verdicts were recorded: its cells still load (tables, report); a run measures
+    their verdicts from the cached models, attacks, scores and guard files."""
+    from malex.evaluate.study.cache import read_tensors, write_tensors
+
+    out = tmp_path / "out"
+    shutil.copytree(study_run["out"], out)
+    for path in list(out.glob("fits/digits/seed0/*/guard-clean.safetensors")) + list(out.glob("cells/*/*/*/guard.safetensors")):
+        meta, tensors = read_tensors(path)
+        write_tensors(path, {k: v for k, v in tensors.items() if k != "verdict"}, meta)
+    for path in out.glob("cells/*/*/*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        metrics.pop("verdict")
+        path.write_text(json.dumps(metrics))
+    study = Study(parse_config(shrunk_raw()), out, progress=False)
+    done, missing = study.results()
+    assert missing == [] and len(done) == 3 and all("verdict" not in c for c in done)
+    assert "| guard |" in (study.write_tables()["results_md"]).read_text()
+    run = study.run(report=False)
+    assert len(run.computed) == 3
+    assert run.counts["models_trained"] == run.counts["attacks_crafted"] == run.counts["detectors_fitted"] == 0
+    assert run.counts["guards_fitted"] == run.counts["detector_scores"] == 0
+    before = {c["attack"]: c for c in study_run["study"].results()[0]}
+    for cell in study.results()[0]:
+        assert cell["verdict"]["confusion"] == before[cell["attack"]]["verdict"]["confusion"]
+        assert cell["rows"] == before[cell["attack"]]["rows"]
+
+
 def test_changed_setting_redoes_what_depends_on_it(study_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(study_run["out"], out)
@@ -166,12 +214,16 @@ def test_report_is_complete_and_offline(study_run):
     page = study_run["run"].files["report"]
     html = page.read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
-    assert len(images) == 4  # ROC, sensitivity, activation, feature space
+    assert len(images) == 5  # verdicts, ROC, sensitivity, activation, feature space
     for src in images:
         assert (page.parent / src).is_file() and (page.parent / src).stat().st_size > 1000
     assert "<script" not in html and "http://" not in html and "https://" not in html
-    for title in ("Sensitivity space", "Activation space", "Feature space", "ROC curves", "AUROC"):
-        assert title in html
+    import html as html_lib
+
+    text = html_lib.unescape(html)
+    assert any(src.endswith("-verdicts.png") for src in images)
+    for title in ("Sensitivity space", "Activation space", "Feature space", "ROC curves", "AUROC", "The guard's verdicts"):
+        assert title in text
 
 
 def test_report_command_rebuilds_from_the_folder(study_run, tmp_path):
@@ -210,6 +262,7 @@ def test_output_folder_of_something_else_is_refused(tmp_path):
     (lambda r: r["backdoors"]["badnets"].update(trigger="nope"), "backdoors.badnets.trigger"),
     (lambda r: r["adversarial"]["cw"].update(stepz=3), "adversarial.cw.stepz"),
     (lambda r: r["adversarial"]["cw"].update(confidence=-1.0), "adversarial.cw"),
+    (lambda r: r["adversarial"]["cw"].update(attack="adaptive_pgd"), "adversarial.cw.attack"),
     (lambda r: r.update(detectors={"msp": {"temperature": 0.0}}), "detectors.msp"),
     (lambda r: r.update(detectors={"msp": {"temprature": 1.0}}), "detectors.msp"),
     (lambda r: r["analysis"].update(embedding="umap"), "analysis.embedding"),

@@ -32,6 +32,11 @@ INPUT_SHAPE = typer.Option(None, "--input-shape", help="C,H,W of one input, when
 MEAN = typer.Option(None, "--mean", help="Per-channel mean the network subtracts (comma-separated, in --value-range "
                     "units), e.g. 0.485,0.456,0.406; with --std.")
 STD = typer.Option(None, "--std", help="Per-channel std the network divides by (comma-separated); with --mean.")
+LAYERS = typer.Option(None, "--layers", help="Comma-separated probe layers for the feature-space detectors, "
+                      "instead of those malex finds (see `malex info`); NAME:in reads a module's input. KD+BU's "
+                      "density reads the last of them.")
+RESIZE = typer.Option(False, "--resize", help="Resize images of a folder to the model's input size instead of "
+                      "refusing those of another size.")
 VALUE_RANGE = typer.Option(None, "--value-range", help="LOW,HIGH the network's inputs span (default 0,1; e.g. "
                            "0,255); malex maps its [0, 1] inputs onto it.")
 
@@ -46,6 +51,11 @@ def _numbers(text: Optional[str], option: str, kind=float) -> Optional[tuple]:
         return tuple(kind(part) for part in text.split(","))
     except ValueError as exc:
         raise ConfigError(f"{option} {text!r}; expected comma-separated numbers") from exc
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """'a,b' as ('a', 'b'): layer or detector names."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _model_spec(model: Path, arch: Optional[str], arch_kwargs: Optional[str], input_shape: Optional[str],
@@ -92,9 +102,9 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     force: bool = typer.Option(False, "--force", help="Replace the demo's files if the folder already holds them."),
 ) -> None:
-    """Train a BadNets-poisoned model on the embedded digits, attack it, detect, report."""
+    """Train a BadNets-poisoned model on the embedded digits, attack it, fit the guard, screen a mixed stream."""
     from malex.evaluate.demo import DemoConfig, run_demo
-    from malex.report.table import metrics_table, print_table
+    from malex.report.table import confusion_table, metrics_table, print_side_by_side
 
     result = run_demo(out_dir, DemoConfig(seed=seed, progress=not quiet), overwrite=force)
     out.print(f"poisoned model: clean test accuracy {result.clean_accuracy:.3f}, "
@@ -102,7 +112,10 @@ def demo(
     for name, s in result.attacks.items():
         out.print(f"{name}: success rate {s['success_rate']:.3f}, mean L2 {s['mean_l2']:.3f}, "
                   f"mean Linf {s['mean_linf']:.3f} ({s['n']} inputs, {s['seconds']:.1f}s)")
-    print_table(metrics_table(result.run.rows(), "detection on the digits demo (thresholds at 5% FPR)"))
+    v = result.verdicts
+    print_side_by_side(metrics_table(result.run.rows(), "detection on the digits demo (thresholds at 5% FPR)"),
+                       confusion_table(v["labels"], v["confusion"], f"the guard's verdicts on the mixed stream "
+                                       f"(three-way accuracy {v['accuracy']:.3f})"))
     out.print(f"wrote {', '.join(result.files.values())} in {result.seconds:.0f}s")
 
 
@@ -153,18 +166,25 @@ def info(
     model: Path = typer.Argument(..., help="A model file: malex, state_dict (with --arch), TorchScript or .pt2."),
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
     mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
+    layers: Optional[str] = LAYERS,
 ) -> None:
-    """Describe a model: source kind, input shape, classes, preprocessing, and the head and penultimate layer
-    the detectors use."""
-    from malex.detectors.stats import penultimate_layer
+    """Describe a model: source kind, input shape, classes, preprocessing, the head that mutation and MC dropout
+    re-run, the penultimate layer, and the probe layers the feature-space detectors read, with why each was
+    chosen."""
+    from malex.detectors.stats import check_layers, penultimate_layer
     from malex.models.anatomy import find_head
+    from malex.probe import chosen_layers
 
     loaded = _load_model(model, arch, arch_kwargs, input_shape, mean, std, value_range)
-    head = find_head(loaded.module)
+    net = loaded.module
+    head = find_head(net)
+    probe, why = ((check_layers(net, _names(layers)), "given with --layers") if layers is not None
+                  else chosen_layers(net))
     described = {**loaded.description,
                  "head": {"module": head.name, "reason": head.reason} if head else
                  {"module": None, "reason": "no submodule holds every dense layer: detectors re-run the whole model"},
-                 "penultimate_layer": penultimate_layer(loaded.module)}
+                 "penultimate_layer": penultimate_layer(net),
+                 "probe_layers": {"layers": probe, "reason": why}}
     out.print_json(json.dumps(described))
 
 
@@ -174,6 +194,7 @@ def predict(
     inputs: Path = typer.Argument(..., help="Images as .npy or .npz (uint8 0..255 or float in [0, 1])."),
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
     mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
+    resize: bool = RESIZE,
 ) -> None:
     """Print the model's predicted label for each input, one per line."""
     from malex.data.inputs import read_images
@@ -184,7 +205,7 @@ def predict(
     if loaded.input_shape is None:
         raise ConfigError(f"{model} records no input shape; give --input-shape C,H,W")
     net = loaded.module
-    x = read_images(inputs, net.input_shape)
+    x = read_images(inputs, net.input_shape, resize)
     for label in predict_labels(net, x).tolist():
         print(label)
 
@@ -218,7 +239,7 @@ def _clean_reference(data: str, seed: int, labels: Optional[Path], shape, resize
         split = load_dataset(data, seed=seed).val
         return split.x, split.y, split.groups
     else:
-        x, y = read_images(path, shape), None
+        x, y = read_images(path, shape, resize), None
     if labels is not None:
         if y is not None:
             raise ConfigError(f"{path}: the labels come from its class subfolders; leave out --labels")
@@ -241,20 +262,23 @@ def fit(
     guard_key_file: Optional[Path] = GUARD_KEY_FILE,
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
     mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
+    layers: Optional[str] = LAYERS, resize: bool = RESIZE,
 ) -> None:
     """Fit a guard for MODEL on clean inputs and write it to a guard file (with the model's source: kind,
     factory, input shape, preprocessing)."""
+    from malex.detectors import layer_settings
     from malex.guard import Guard, GuardConfig
     from malex.guard.guard import detectors_from
 
     check_output(output, overwrite=force)
     key = _guard_key(guard_key_file)
     loaded = _load_model(model, arch, arch_kwargs, input_shape, mean, std, value_range)
-    x, y, groups = _clean_reference(data, seed, labels, loaded.input_shape)
+    x, y, groups = _clean_reference(data, seed, labels, loaded.input_shape, resize)
     if loaded.input_shape is None:  # a network that records no shape takes that of its clean inputs
         loaded = loaded.with_input_shape(tuple(x.shape[1:]))
-    chosen = {"detectors": detectors_from(detectors)} if detectors else {}
-    guard = Guard(loaded.module, GuardConfig(**chosen, fpr=fpr, seed=seed))
+    names = detectors_from(detectors) if detectors else GuardConfig().detectors
+    settings = layer_settings(names, _names(layers)) if layers is not None else {}
+    guard = Guard(loaded.module, GuardConfig(detectors=tuple(names), settings=settings, fpr=fpr, seed=seed))
     guard.source = _source(loaded)
     guard.fit(x, y, groups)
     guard.save(output, overwrite=force, key=key)
@@ -303,6 +327,7 @@ def scan(
     guard_key_file: Optional[Path] = GUARD_KEY_FILE,
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
     mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
+    resize: bool = RESIZE,
 ) -> None:
     """Screen inputs: one row per input with prediction, verdict, guard score and detector scores."""
     from malex.data.inputs import read_images
@@ -331,7 +356,7 @@ def scan(
     key = _guard_key(guard_key_file)
     net = _guarded_model(guard_file, key, model, arch, arch_kwargs, input_shape, mean, std, value_range)
     guard = Guard.load(guard_file, net, key=key)
-    result = guard.screen(read_images(Path(inputs), net.input_shape))
+    result = guard.screen(read_images(Path(inputs), net.input_shape, resize))
     if output is None:
         write_rows(result.rows(), sys.stdout, fmt)
     else:
@@ -350,6 +375,7 @@ def evaluate(
     guard_key_file: Optional[Path] = GUARD_KEY_FILE,
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
     mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
+    resize: bool = RESIZE,
 ) -> None:
     """The metrics table (per detector and for the guard) on given clean and malicious sets."""
     from malex.data.inputs import read_images
@@ -366,8 +392,8 @@ def evaluate(
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--malicious {item!r}; expected NAME=PATH")
-        sets[name] = read_images(Path(path), net.input_shape)
-    rows = evaluate_guard(guard, read_images(clean, net.input_shape), sets)
+        sets[name] = read_images(Path(path), net.input_shape, resize)
+    rows = evaluate_guard(guard, read_images(clean, net.input_shape, resize), sets)
     print_table(metrics_table(rows, f"detection at {guard.config.fpr:.0%} target FPR"))
 
 

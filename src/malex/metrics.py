@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -95,3 +96,23 @@ def unscored_as_suspicious(clean: np.ndarray, malicious: np.ndarray) -> tuple[np
     lo, hi = (float(both[finite].min()), float(both[finite].max())) if finite.any() else (0.0, 0.0)
     fixed = np.where(np.isneginf(both), lo - 1.0, np.where(finite, both, hi + 1.0))
     return fixed[:len(clean)], fixed[len(clean):], int((~finite).sum())
+
+
+def confusion(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """Counts, rows = true label, columns = predicted label, both in the order of `labels` (e.g. a guard's
+    verdicts benign / adversarial / backdoor on a mixed stream); a label outside `labels` is an `InputError`."""
+    index = {label: i for i, label in enumerate(labels)}
+    if len(truth) != len(predicted):
+        raise InputError(f"{len(truth)} true labels and {len(predicted)} predicted ones; expected one of each per input")
+    out = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, p in zip(truth, predicted):
+        if t not in index or p not in index:
+            raise InputError(f"label {t if t not in index else p!r} is not one of {', '.join(labels)}")
+        out[index[t], index[p]] += 1
+    return out
+
+
+def confusion_accuracy(matrix: np.ndarray) -> float:
+    """Share of inputs on the diagonal of a confusion matrix (NaN for an empty one)."""
+    total = float(np.sum(matrix))
+    return float(np.trace(matrix)) / total if total else float("nan")

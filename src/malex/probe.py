@@ -15,7 +15,7 @@ from torch import nn
 
 from malex.device import model_device
 from malex.errors import ConfigError
-from malex.models.anatomy import INPUT_SUFFIX, stage_layers
+from malex.models.anatomy import INPUT_SUFFIX, penultimate_input, stage_layers
 from malex.models.inference import eval_mode
 from malex.progress import track
 
@@ -62,10 +62,27 @@ def default_layers(model: nn.Module) -> list[str]:
     """The model's own `probe_layers` when it declares them, else its stage outputs and penultimate features
     (`malex.models.anatomy.stage_layers`; every Conv2d and Linear output, with a warning, when it cannot be
     traced)."""
+    return chosen_layers(model)[0]
+
+
+def chosen_layers(model: nn.Module) -> tuple[list[str], str]:
+    """`default_layers` and why they were chosen (for `malex info`)."""
     declared = getattr(model, "probe_layers", None)
     if declared:
-        return list(declared)
-    return stage_layers(model)[0]
+        return list(declared), f"declared by the model ({type(model).__name__}.probe_layers)"
+    return stage_layers(model)
+
+
+def penultimate_layer(model: nn.Module) -> str:
+    """The last hidden layer: among a malex model's declared probe layers, the one before the logits layer; for
+    a model that declares none, the features its last dense layer reads (its input: e.g. the pooled features of
+    a global-pool head, past the last block's normalisation, skip connection and activation)."""
+    if not getattr(model, "probe_layers", None) and (features := penultimate_input(model)) is not None:
+        return features
+    layers = default_layers(model)
+    if not layers:
+        raise ConfigError("the model declares no probe layers and has no Conv2d/Linear modules")
+    return layers[-2] if len(layers) >= 2 else layers[-1]
 
 
 class Probe:
@@ -81,20 +98,25 @@ class Probe:
                 raise ConfigError(f"model has no layer {base!r}; layers: {', '.join(n for n in modules if n)}")
         self._modules = modules
 
-    def _install(self, store: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
+    def _install(self, store: dict[str, torch.Tensor], keep_graph: bool = False
+                 ) -> list[torch.utils.hooks.RemovableHandle]:
         handles = []
+
+        def kept(t: torch.Tensor) -> torch.Tensor:
+            return t if keep_graph else t.detach()
+
         for name in self.layers:
             if name.endswith(INPUT_SUFFIX):
                 module = self._modules[name[: -len(INPUT_SUFFIX)]]
 
                 def pre_hook(_m, args, _name=name):
-                    store[_name] = args[0].detach()
+                    store[_name] = kept(args[0])
 
                 handles.append(module.register_forward_pre_hook(pre_hook))
             else:
 
                 def hook(_m, _args, output, _name=name):
-                    store[_name] = output.detach()
+                    store[_name] = kept(output)
 
                 handles.append(self._modules[name].register_forward_hook(hook))
         return handles
@@ -119,6 +141,22 @@ class Probe:
             for h in handles:
                 h.remove()
         return Observation.concat(parts)
+
+
+def trace(model: nn.Module, x: torch.Tensor, layers: Iterable[str]) -> Observation:
+    """One pass over the batch `x` (on the model's device) that keeps autograd's graph: the logits and the
+    captured `layers` are differentiable with respect to `x` (for attacks that differentiate a detector's score).
+    Every module is in eval mode for the pass and gets its own flag back; nothing is moved to the CPU."""
+    probe = Probe(model, layers)
+    store: dict[str, torch.Tensor] = {}
+    handles = probe._install(store, keep_graph=True)
+    try:
+        with eval_mode(model):
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return Observation(x, logits, {k: store[k] for k in probe.layers})
 
 
 def observe(model: nn.Module, x: torch.Tensor, layers: Iterable[str] | None = None, batch_size: int = 256) -> Observation:

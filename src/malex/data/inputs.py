@@ -15,11 +15,11 @@ from malex.errors import DataFileError
 NPZ_IMAGE_KEYS = ("x", "images", "x_test")
 
 
-def read_images(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
+def read_images(path: str | Path, shape: tuple[int, int, int], resize: bool = False) -> torch.Tensor:
     """Images from an .npy file, an .npz archive or a folder of PNG/JPEG images (`read_image_folder`, its labels
-    dropped), validated for a model taking (C, H, W) inputs."""
+    dropped, resized to the model's size when `resize`), validated for a model taking (C, H, W) inputs."""
     if Path(path).is_dir():
-        return read_image_folder(path, size=tuple(shape[1:]), channels=shape[0])[0]
+        return read_image_folder(path, size=tuple(shape[1:]), channels=shape[0], resize=resize)[0]
     arrays = load_arrays(path)
     key = next((k for k in ("",) + NPZ_IMAGE_KEYS if k in arrays), next(iter(arrays), None))
     if key is None:

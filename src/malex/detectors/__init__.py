@@ -54,6 +54,22 @@ def detector_config_fields(name: str) -> set[str]:
     return {f.name for f in dataclasses.fields(detector_class(name).config_class)}
 
 
+def layer_settings(names: tuple[str, ...] | list[str], layers: tuple[str, ...]) -> dict[str, dict[str, object]]:
+    """Settings that make the detectors `names` read `layers` instead of the model's default probe layers:
+    `layers` for each detector that reads several (Mahalanobis, LID, NIC), and the last of them as `layer`
+    for each that reads one (KD+BU's density). Detectors that read no chosen layer get nothing."""
+    if not layers or not all(isinstance(n, str) and n for n in layers):
+        raise ConfigError(f"layers are {layers!r}; expected one or more layer names")
+    settings: dict[str, dict[str, object]] = {}
+    for name in names:
+        fields = detector_config_fields(name)
+        if "layers" in fields:
+            settings[name] = {"layers": tuple(layers)}
+        elif "layer" in fields:
+            settings[name] = {"layer": layers[-1]}
+    return settings
+
+
 def make_detector(name: str, model: nn.Module, **settings: object) -> Detector:
     """The detector registered as `name` for `model`, configured by `settings` (the fields of its config
     class); raises `ConfigError` for an unknown name, an unknown setting or a bad value."""
@@ -76,5 +92,5 @@ __all__ = [
     "AdversarialMutation", "AdversarialMutationConfig", "BackdoorMutation", "BackdoorMutationConfig",
     "FixedBackdoorMutation", "FixedBackdoorMutationConfig", "MSP", "MSPConfig", "MutationConfig", "MutationTest",
     "Strip", "StripConfig", "Threshold", "calibrate", "detector_class", "detector_config_fields", "fit_detectors",
-    "joint_probe", "make_detector", "score_detectors",
+    "joint_probe", "layer_settings", "make_detector", "score_detectors",
 ]

@@ -199,30 +199,39 @@ class ModelMutation(Detector):
     def layers(self) -> list[str]:
         return [self.input_layer] if self.input_layer else []
 
-    def _flips(self, inputs: torch.Tensor, base: torch.Tensor, ids: range) -> torch.Tensor:
-        """(len(ids), N) bool: does mutant i change the label of input j?"""
-        params = self.fuzzer.mutants(ids)
-        device = next(iter(params.values())).device
-        if self._stackable:
-            labels = self._stacked_labels
-        else:
+    def mutant_logits(self, inputs: torch.Tensor, ids: range) -> torch.Tensor:
+        """(len(ids), N, classes) logits of mutants `ids` on `inputs` (the mutated module's input: the probe layer
+        `input_layer`, or the raw input), in eval mode and WITH autograd's graph, so that they are differentiable
+        with respect to `inputs` (adaptive attacks take expectations over the mutants; the test takes argmaxes)."""
+        return self._logits(self.fuzzer.mutants(ids), inputs)
+
+    def _logits(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        """The logits of the stacked mutant parameters `params` on `inputs` (see `mutant_logits`)."""
+        with eval_mode(self.module):
+            if self._stackable:
+                return self._stacked_logits(params, inputs)
             fixed = {n: p.detach() for n, p in self.module.named_parameters() if n not in params}
             fixed.update({n: b for n, b in self.module.named_buffers()})
 
             def one(mutant: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-                return functional_call(self.module, {**fixed, **mutant}, (xb,)).argmax(dim=-1)
+                return functional_call(self.module, {**fixed, **mutant}, (xb,))
 
-            labels = vmap(one, in_dims=(0, None))
+            return vmap(one, in_dims=(0, None))(params, inputs)
+
+    def _flips(self, inputs: torch.Tensor, base: torch.Tensor, ids: range) -> torch.Tensor:
+        """(len(ids), N) bool: does mutant i change the label of input j?"""
+        params = self.fuzzer.mutants(ids)
+        device = next(iter(params.values())).device
         out = []
-        with torch.no_grad(), eval_mode(self.module):
+        with torch.no_grad():
             for start in range(0, inputs.shape[0], self.config.batch_size):
                 xb = inputs[start : start + self.config.batch_size].to(device)
-                pred = labels(params, xb).cpu()
+                pred = self._logits(params, xb).argmax(dim=-1).cpu()
                 out.append(pred != base[start : start + self.config.batch_size].view(1, -1))
         return torch.cat(out, dim=1)
 
-    def _stacked_labels(self, params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-        """(M, N) labels of M mutants of a plain sequential head, as batched matrix products (the same
+    def _stacked_logits(self, params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        """(M, N, classes) logits of M mutants of a plain sequential head, as batched matrix products (the same
         arithmetic as `vmap` over `functional_call`, without its per-call dispatch)."""
         h = xb
         layers = [("", self.module)] if isinstance(self.module, nn.Linear) else self.module.named_children()
@@ -236,7 +245,7 @@ class ModelMutation(Detector):
                 h = torch.relu(h)
             elif not isinstance(child, (nn.Dropout, nn.Identity)):  # before the first dense layer
                 h = child(h)
-        return h.argmax(dim=-1)
+        return h
 
     def test(self, obs: Observation, sequential: bool | None = None) -> MutationTest:
         """Run the mutants over the inputs of `obs`, stopping each input early when the SPRT decides."""

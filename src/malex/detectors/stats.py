@@ -30,8 +30,7 @@ from torch import nn
 
 from malex.detectors.base import Detector
 from malex.errors import ConfigError, InputError
-from malex.models.anatomy import penultimate_input
-from malex.probe import INPUT_SUFFIX, Observation, default_layers
+from malex.probe import INPUT_SUFFIX, Observation, default_layers, penultimate_layer  # noqa: F401 (re-exported)
 
 COMBINE_RULES = ("mean", "max")
 #: relative squared distance ||q - r||^2 / (||q||^2 + ||r||^2) below which a reference row counts as a copy
@@ -68,18 +67,6 @@ def check_layers(model: nn.Module, names: Iterable[str]) -> list[str]:
         if base not in modules:
             raise ConfigError(f"model has no layer {base!r}; layers: {', '.join(sorted(modules))}")
     return names
-
-
-def penultimate_layer(model: nn.Module) -> str:
-    """The last hidden layer: among a malex model's declared probe layers, the one before the logits layer; for
-    a model that declares none, the features its last dense layer reads (its input: e.g. the pooled features of
-    a global-pool head, past the last block's normalisation, skip connection and activation)."""
-    if not getattr(model, "probe_layers", None) and (features := penultimate_input(model)) is not None:
-        return features
-    layers = default_layers(model)
-    if not layers:
-        raise ConfigError("the model declares no probe layers and has no Conv2d/Linear modules")
-    return layers[-2] if len(layers) >= 2 else layers[-1]
 
 
 def fit_labels(clean: Observation, y: torch.Tensor | None, num_classes: int) -> torch.Tensor:

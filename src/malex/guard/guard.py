@@ -4,7 +4,8 @@
 held-out calibration part, runs ONE probe pass per part, fits every detector on the first and records
 its scores on the second. A new input's score under each detector becomes a p-value against those
 clean scores (conformal, with an exponential tail beyond the top clean scores: `malex.guard.pvalues`);
-the guard's own score is Fisher's combination -2 sum(ln p), thresholded so that at most `fpr` of the
+the guard's own score combines them (Fisher's -2 sum(ln p) by default; the Cauchy combination, the harmonic-mean
+p-value or min-p by `GuardConfig.combination`: `malex.guard.combine`), thresholded so that at most `fpr` of the
 clean calibration inputs, each scored against the others, are flagged. Fisher's sum lets several
 detectors' moderate evidence add up, where the smallest p-value alone (measured in
 benchmarks/digits_suite.py) lost most single detectors' power.
@@ -18,6 +19,7 @@ stronger evidence (smaller p-value); detectors of no kind (feature-space anomali
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,21 +32,30 @@ from torch import nn
 from malex.data.dataset import split_keeping_groups
 from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
-from malex.detectors.base import ADVERSARIAL, BACKDOOR
+from malex.detectors.base import ADVERSARIAL, BACKDOOR  # noqa: F401 (re-exported by malex.guard)
 from malex.detectors.fitting import fit_detectors, joint_probe, score_detectors
 from malex.calibration import DEFAULT_FPR, Threshold, calibrate, check_fpr
 from malex.errors import ConfigError, ModelFileError, NotFittedError
 from malex.guard.fingerprint import model_fingerprint
+from malex.guard.combine import DEFAULT_COMBINATION, check_combination, make_combination
+from malex.guard.kind_model import KindModel, fit_kind_model
+from malex.guard.stand_ins import StandInConfig, adversarial_stand_ins, backdoor_stand_ins
+from malex.guard.verdict import BENIGN, evidence_kinds, verdicts
 from malex.guard.io import GuardFile, malformed, read_guard_file, write_guard_file
 from malex.guard.pvalues import in_sample_tail_pvalues, tail_pvalues
 from malex.models.anatomy import input_channels
+from malex.models.inference import predict
 from malex.probe import Observation
 
-BENIGN = "benign"
 #: fewest clean calibration inputs beyond the threshold for which the guard does not warn
 MIN_BEYOND = 5
 #: calibration inputs probed and scored at a time (only their scores are kept)
 CALIBRATION_CHUNK = 4096
+#: how a flagged input is typed: by the two evidence groups' smaller p-value, or by a learned model
+EVIDENCE, LEARNED = "evidence", "learned"
+TYPINGS = (EVIDENCE, LEARNED)
+#: fewest self-made flagged examples of each kind for the learned typing to fit on flagged ones only
+MIN_FLAGGED = 20
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,23 @@ class GuardConfig:
     `max_fit` of them (None: no cap): the inputs beyond it calibrate too. Every detector's fitted state is
     bounded well below that (reference samples of at most 2,000 inputs, streamed moments), while the
     guard's false-positive control gains from every calibration input, and calibration is scored in chunks
-    (only scores kept), so the memory a fit needs stops growing at `max_fit` fit inputs."""
+    (only scores kept), so the memory a fit needs stops growing at `max_fit` fit inputs. `combination` names the
+    rule that turns the detectors' p-values into the guard score (`malex.guard.combine.COMBINATIONS`: fisher,
+    cauchy, hmp, min_p); the threshold is calibrated on that score whatever the rule. `typing` names how a flagged
+    input gets its kind: "evidence" (the smaller p-value of the adversarial and the backdoor detector groups) or
+    "learned" (a logistic regression on every detector's p-value, fitted on adversarial examples and universal
+    triggers the guard makes itself at fit time: `malex.guard.kind_model`, settings `typing_settings` as the fields
+    of `malex.guard.stand_ins.StandInConfig`)."""
+
+    def stand_in_config(self) -> StandInConfig:
+        """The settings of the examples a learned typing is fitted on."""
+        settings = dict(self.typing_settings)
+        if "pgd_eps" in settings:
+            settings["pgd_eps"] = tuple(settings["pgd_eps"])
+        try:
+            return StandInConfig(**settings)
+        except TypeError as exc:
+            raise ConfigError(f"typing_settings {self.typing_settings!r}: {exc}") from exc
 
     detectors: tuple[str, ...] = ("mutation_adv", "mutation_bd", "kd_bu", "mahalanobis")
     settings: dict[str, dict] = field(default_factory=dict)
@@ -65,6 +92,9 @@ class GuardConfig:
     seed: int = 0
     batch_size: int = 256
     progress: bool = True
+    combination: str = DEFAULT_COMBINATION
+    typing: str = EVIDENCE
+    typing_settings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.detectors:
@@ -72,6 +102,12 @@ class GuardConfig:
         if len(set(self.detectors)) != len(self.detectors):
             raise ConfigError(f"detectors {self.detectors} name one detector twice")
         check_fpr(self.fpr, "fpr")
+        check_combination(self.combination)
+        if self.typing not in TYPINGS:
+            raise ConfigError(f"typing is {self.typing!r}; expected one of {', '.join(TYPINGS)}")
+        if not isinstance(self.typing_settings, dict):
+            raise ConfigError(f"typing_settings are {self.typing_settings!r}; expected a dict of StandInConfig fields")
+        self.stand_in_config()  # checks the settings
         if not 0 < self.calibration_fraction < 1:
             raise ConfigError(f"calibration_fraction is {self.calibration_fraction}; expected a value in (0, 1)")
         if self.max_fit is not None and (isinstance(self.max_fit, bool) or not isinstance(self.max_fit, int)
@@ -114,30 +150,30 @@ class Screening:
         ]
 
 
-def combine_pvalues(pvalues: dict[str, np.ndarray]) -> np.ndarray:
-    """The guard score: Fisher's -2 sum(ln p) over the detectors (higher = more suspicious). p-values are
-    floored at the smallest normal float, so a score far beyond every clean one (whose tail p-value
-    underflows to 0) counts as very suspicious, not as infinite."""
-    p = np.maximum(np.stack(list(pvalues.values())), np.finfo(np.float64).tiny)
-    return -2.0 * np.sum(np.log(p), axis=0)
+def combine_pvalues(pvalues: dict[str, np.ndarray], rule: str = DEFAULT_COMBINATION) -> np.ndarray:
+    """The guard score under the combination `rule` (`malex.guard.combine`; Fisher's -2 sum(ln p) by default),
+    higher = more suspicious. p-values are floored at the smallest normal float, so a score far beyond every
+    clean one (whose tail p-value underflows to 0) counts as very suspicious, not as infinite."""
+    return make_combination(rule)(pvalues)
 
 
-def in_sample_guard_scores(calibration: dict[str, np.ndarray]) -> np.ndarray:
+def in_sample_guard_scores(calibration: dict[str, np.ndarray], rule: str = DEFAULT_COMBINATION) -> np.ndarray:
     """The guard score of each clean calibration input, scored against the other calibration inputs
     (so that it matches what a new clean input gets)."""
-    return combine_pvalues({k: in_sample_tail_pvalues(v) for k, v in calibration.items()})
+    return combine_pvalues({k: in_sample_tail_pvalues(v) for k, v in calibration.items()}, rule)
 
 
-def calibrate_guard(calibration: dict[str, np.ndarray], fpr: float) -> Threshold:
+def calibrate_guard(calibration: dict[str, np.ndarray], fpr: float, rule: str = DEFAULT_COMBINATION) -> Threshold:
     """The guard-score threshold that flags at most `fpr` of the clean calibration inputs."""
-    return calibrate(in_sample_guard_scores(calibration), fpr)
+    return calibrate(in_sample_guard_scores(calibration, rule), fpr)
 
 
 def fit_calibration_split(labels: torch.Tensor, groups: torch.Tensor | None, calibration_fraction: float,
                           max_fit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit, calibration) indices: stratified by label, whole groups on one side when `groups` is given, and
     at most `max_fit` fit inputs (a seeded random share of the fit side, whole groups, calibrates instead)."""
-    fit_idx, cal_idx = split_keeping_groups(labels, groups, (1 - calibration_fraction, calibration_fraction), seed)
+    fit_idx, cal_idx = split_keeping_groups(labels, groups, (1 - calibration_fraction, calibration_fraction), seed,
+                                            part_names=("the guard's fit part", "its calibration part"))
     if max_fit is None or len(fit_idx) <= max_fit:
         return fit_idx, cal_idx
     gen = torch.Generator().manual_seed(seed)
@@ -164,6 +200,9 @@ class Guard:
         self.probe = joint_probe(model, self.detectors)
         self.calibration_scores_: dict[str, np.ndarray] | None = None
         self.threshold_: Threshold | None = None
+        #: the learned typing (None: the evidence rule), and the seconds its fit took
+        self.kind_model_: KindModel | None = None
+        self.typing_seconds_: float = 0.0
         #: where the model came from (`malex.models.sources.LoadedModel.description`), saved with the guard
         self.source: dict | None = None
 
@@ -208,8 +247,43 @@ class Guard:
                 f"{self.config.fpr:.1%} FPR, so the false-positive rate a new clean input meets is uncertain; {need}",
                 stacklevel=2,
             )
-        self.threshold_ = calibrate_guard(self.calibration_scores_, self.config.fpr)
+        self.threshold_ = calibrate_guard(self.calibration_scores_, self.config.fpr, self.config.combination)
+        if self.config.typing == LEARNED:
+            self.fit_typing(x[fit_idx])
         return self
+
+    def _evidence(self, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(per-detector p-values, flagged) of inputs `x`."""
+        obs = self.probe.run(x, self.config.batch_size)
+        pvalues = self._pvalues({name: det.score(obs) for name, det in self.detectors.items()})
+        return pvalues, self.threshold_.flags(combine_pvalues(pvalues, self.config.combination))
+
+    def fit_typing(self, clean_x: torch.Tensor) -> KindModel | None:
+        """Fit the learned typing on the examples the guard makes from `clean_x` (`malex.guard.stand_ins`) and
+        flags. With fewer than MIN_FLAGGED flagged examples of either kind (a model in which no universal trigger
+        works as a planted one does gives no backdoor-like examples) the guard keeps the evidence rule
+        (`kind_model_` None) and says so in `describe()`."""
+        start = time.perf_counter()
+        config = self.config.stand_in_config()
+        gen = torch.Generator().manual_seed(self.config.seed)
+        x = clean_x[torch.randperm(len(clean_x), generator=gen)[:config.n_inputs]]
+        predicted = predict(self.model, x)
+        made = {"adversarial": adversarial_stand_ins(self.model, x, predicted, config, self.config.seed),
+                "backdoor": backdoor_stand_ins(self.model, x, predicted, config, self.config.seed)}
+        evidence = {}
+        for kind, examples in made.items():
+            examples = examples[torch.randperm(len(examples), generator=gen)[:4 * config.n_inputs]]
+            evidence[kind] = self._evidence(examples) if len(examples) else ({n: np.ones(0) for n in self.detectors},
+                                                                             np.zeros(0, bool))
+        self.typing_seconds_ = time.perf_counter() - start
+        if any(int(flags.sum()) < MIN_FLAGGED for _, flags in evidence.values()):
+            # no universal trigger that works like a planted one, or too few flagged examples: the evidence rule
+            self.kind_model_ = None
+            return None
+        evidence = {k: {n: p[flags] for n, p in pv.items()} for k, (pv, flags) in evidence.items()}
+        self.kind_model_ = fit_kind_model(evidence["adversarial"], evidence["backdoor"], tuple(self.detectors))
+        self.typing_seconds_ = time.perf_counter() - start
+        return self.kind_model_
 
     def check_fitted(self) -> None:
         """Raise `NotFittedError` unless the guard was fitted or loaded."""
@@ -220,30 +294,30 @@ class Guard:
         return {k: tail_pvalues(self.calibration_scores_[k], v) for k, v in scores.items()}
 
     def _kind(self, pvalues: dict[str, np.ndarray]) -> np.ndarray:
-        """ADVERSARIAL or BACKDOOR per input, from the detectors whose evidence has a kind."""
-        n = len(next(iter(pvalues.values())))
-        best = {kind: np.ones(n) for kind in (ADVERSARIAL, BACKDOOR)}
-        for name, p in pvalues.items():
-            kind = self.detectors[name].evidence
-            if kind is not None:
-                best[kind] = np.minimum(best[kind], p)
-        return np.where(best[BACKDOOR] < best[ADVERSARIAL], BACKDOOR, ADVERSARIAL)
+        """ADVERSARIAL or BACKDOOR per input: the learned typing's, or the evidence rule's (the detectors whose
+        evidence has a kind)."""
+        if self.kind_model_ is not None:
+            return self.kind_model_.kinds(pvalues)
+        return evidence_kinds(pvalues, {name: det.evidence for name, det in self.detectors.items()})
 
     def screen_observation(self, obs: Observation) -> Screening:
         """Screen inputs already seen by this guard's probe."""
         self.check_fitted()
         scores = {name: det.score(obs) for name, det in self.detectors.items()}
         pvalues = self._pvalues(scores)
-        guard_score = combine_pvalues(pvalues)
+        guard_score = combine_pvalues(pvalues, self.config.combination)
         flagged = self.threshold_.flags(guard_score)
-        kinds = self._kind(pvalues)
-        verdict = [str(kinds[i]) if flagged[i] else BENIGN for i in range(len(obs))]
+        verdict = verdicts(flagged, self._kind(pvalues))
         return Screening(obs.pred.numpy(), verdict, guard_score, scores, pvalues)
+
+    def observe(self, x) -> Observation:
+        """One probe pass over `x` (laid out and checked as every input the guard takes)."""
+        return self.probe.run(self._inputs(x), self.config.batch_size)
 
     def screen(self, x) -> Screening:
         """One probe pass over `x`, then every detector's score, the guard score and a verdict per input."""
         self.check_fitted()
-        return self.screen_observation(self.probe.run(self._inputs(x), self.config.batch_size))
+        return self.screen_observation(self.observe(x))
 
     def save(self, path: str | Path, overwrite: bool = False, key: bytes | None = None) -> Path:
         """Write the fitted guard to one safetensors file (no pickle; `malex.guard.io`), signed with `key` when
@@ -256,6 +330,8 @@ class Guard:
             fingerprint=model_fingerprint(self.model), config=config, threshold=asdict(self.threshold_),
             detectors={name: det.export() for name, det in self.detectors.items()},
             calibration=self.calibration_scores_, source=self.source,
+            typing=(self.kind_model_.export() if self.kind_model_ is not None else
+                    {"evidence_rule": torch.ones(1, dtype=torch.float64)} if self.config.typing == LEARNED else {}),
         )
         return write_guard_file(path, contents, overwrite=overwrite, key=key)
 
@@ -273,6 +349,8 @@ class Guard:
                 det.restore(*saved.detectors[name])
             guard.calibration_scores_ = dict(saved.calibration)
             guard.threshold_ = _threshold(saved.threshold)
+            if config.typing == LEARNED and "evidence_rule" not in saved.typing:
+                guard.kind_model_ = KindModel.restore(tuple(guard.detectors), saved.typing)
             guard.source = saved.source
         except (KeyError, TypeError, ConfigError, ModelFileError, NotFittedError) as exc:
             raise malformed(path, exc) from exc
@@ -302,7 +380,11 @@ class Guard:
             "detectors": list(self.detectors),
             "fpr": self.config.fpr,
             "threshold": self.threshold_.value,
-            "calibration_fpr": float(self.threshold_.flags(in_sample_guard_scores(self.calibration_scores_)).mean()),
+            "combination": self.config.combination,
+            "typing": self.config.typing if self.kind_model_ is not None or self.config.typing == EVIDENCE else
+            "learned: no backdoor-like examples, so the evidence rule",
+            "calibration_fpr": float(self.threshold_.flags(
+                in_sample_guard_scores(self.calibration_scores_, self.config.combination)).mean()),
             "n_calibration": int(len(next(iter(self.calibration_scores_.values())))),
             "max_fit": self.config.max_fit,
             "states": {k: d.state() for k, d in self.detectors.items()},

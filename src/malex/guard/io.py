@@ -9,7 +9,8 @@ Layout: header {"format", "version", "model_fingerprint", "config", "threshold",
 exported metadata}, and optionally "model": where the model came from (`malex.models.sources.LoadedModel`'s
 description: kind, arch, arch_kwargs, input_shape, num_classes, preprocessing, file_sha256; files saved before
 it existed have no such key and load as before)}; tensors "det/NAME/KEY" (a detector's exported tensors) and
-"cal/NAME" (its float64 calibration scores). A guard saved with a key also carries "signature", an HMAC of the same content
+"cal/NAME" (its float64 calibration scores), and "typing/KEY" (a learned typing's arrays, `malex.guard.kind_model`;
+only when the config's typing is "learned"). A guard saved with a key also carries "signature", an HMAC of the same content
 (`malex.guard.signing`); a reader given a key refuses a guard without it or whose signature does not match.
 The reader checks the header's pieces' types and the calibration scores (1-D float64, finite, one length);
 `malex.guard.guard` checks the settings and each detector's state.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class GuardFile:
     detectors: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]  # name -> Detector.export()
     calibration: dict[str, np.ndarray]  # name -> clean calibration scores
     source: dict[str, Any] | None = None  # the model's source description; None in older files
+    typing: dict[str, torch.Tensor] = field(default_factory=dict)  # a learned typing's tensors; none in older files
 
 
 def malformed(path: Path, exc: Exception) -> ModelFileError:
@@ -70,6 +72,7 @@ def write_guard_file(path: str | Path, contents: GuardFile, overwrite: bool = Fa
         detectors[name] = meta
         tensors.update({f"det/{name}/{k}": v for k, v in det_tensors.items()})
         tensors[f"cal/{name}"] = torch.from_numpy(np.asarray(contents.calibration[name], dtype=np.float64))
+    tensors.update({f"typing/{k}": v for k, v in contents.typing.items()})
     header = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -171,8 +174,9 @@ def read_guard_file(path: str | Path, fingerprint: str, key: bytes | None = None
         raise malformed(path, exc) from exc
     _check_calibration(path, calibration)
     calibration_arrays = {name: scores.numpy() for name, scores in calibration.items()}
+    typing = {k[len("typing/"):]: v for k, v in tensors.items() if k.startswith("typing/")}
     return GuardFile(header["model_fingerprint"], header["config"], header["threshold"], detectors, calibration_arrays,
-                     header.get("model"))
+                     header.get("model"), typing)
 
 
 def read_guard_source(path: str | Path, key: bytes | None = None) -> dict[str, Any] | None:

@@ -29,6 +29,22 @@ def _tail_size(n: int) -> int:
     return min(n - 1, max(MIN_TAIL, int(np.ceil(TAIL_FRACTION * n))))
 
 
+def tail_parameters(calibration: np.ndarray) -> tuple[int, float, float] | None:
+    """(k, u, scale) of the exponential tail `tail_pvalues` fits to the calibration scores: the tail size, the
+    (k+1)-th largest score and the mean excess of the top k over it (their standard deviation when they all tie);
+    None when there are too few scores for a tail."""
+    cal = np.asarray(calibration, dtype=np.float64)
+    if cal.size < MIN_TAIL + 1:
+        return None
+    k = _tail_size(cal.size)
+    top = np.sort(cal)[::-1]
+    u = float(top[k])
+    scale = float(np.mean(top[:k] - u))
+    if not scale > 0:
+        scale = float(np.std(cal)) or 1e-12
+    return k, u, scale
+
+
 def tail_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Conformal p-values, continued beyond the top calibration scores by a fitted exponential tail.
 
@@ -39,17 +55,12 @@ def tail_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
     cal = np.asarray(calibration, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)
     p = conformal_pvalues(cal, s)
-    if cal.size < MIN_TAIL + 1:
+    tail = tail_parameters(cal)
+    if tail is None:
         return p
-    k = _tail_size(cal.size)
-    top = np.sort(cal)[::-1]
-    u = top[k]
-    scale = float(np.mean(top[:k] - u))
-    if not scale > 0:
-        scale = float(np.std(cal)) or 1e-12
+    k, u, scale = tail
     beyond = s > u
-    tail = (k + 1.0) / (cal.size + 1.0) * np.exp(-(s[beyond] - u) / scale)
-    p[beyond] = np.minimum(p[beyond], tail)
+    p[beyond] = np.minimum(p[beyond], (k + 1.0) / (cal.size + 1.0) * np.exp(-(s[beyond] - u) / scale))
     return p
 
 

@@ -219,6 +219,59 @@ def claim_table(summary: Sequence[dict[str, Any]], dataset: str, floors: Sequenc
     return header, body
 
 
+# --- the guard's verdicts: the mixed stream's confusion matrices, summed over seeds -------------------------
+
+#: (verdict key, column title) of the numbers reported per seed
+VERDICT_METRICS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "three-way acc."),
+    ("typed_right", "malicious typed right"),
+    ("gap_member_auroc", "guard - best member AUROC"),
+    ("gap_member_tpr_at_1fpr", "guard - best member TPR@1%"),
+    ("gap_floor_auroc", "guard - best floor AUROC"),
+)
+
+
+def summarise_verdicts(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (dataset, attack) whose cells recorded verdicts: kind, seeds, labels, the summed confusion
+    matrix, and (mean, std) of every `VERDICT_METRICS` key."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for cell in cells:
+        if cell.get("verdict", {}).get("confusion") is not None:
+            groups.setdefault((cell["dataset"], cell["attack"]), []).append(cell)
+    out = []
+    for (dataset, attack), members in groups.items():
+        verdicts = [c["verdict"] for c in members]
+        entry: dict[str, Any] = {"dataset": dataset, "attack": attack, "kind": members[0]["kind"],
+                                 "seeds": sorted(c["seed"] for c in members), "labels": verdicts[0]["labels"],
+                                 "confusion": np.sum([np.asarray(v["confusion"]) for v in verdicts], axis=0)}
+        for key, _ in VERDICT_METRICS:
+            entry[key] = mean_std([v.get(key, math.nan) for v in verdicts])
+        out.append(entry)
+    return out
+
+
+def _shares(row: np.ndarray) -> str:
+    total = row.sum()
+    return " / ".join(f"{x / total:.3f}" for x in row) if total else "–"
+
+
+def verdict_table(summary: Sequence[dict[str, Any]], dataset: str) -> tuple[list[str], list[list[str]]]:
+    """Rows: the dataset's attacks; columns: every verdict metric (mean ± std) and the shares of each verdict
+    among the clean and the malicious inputs (summed over seeds)."""
+    rows = [s for s in summary if s["dataset"] == dataset]
+    if not rows:
+        return [], []
+    labels = rows[0]["labels"]
+    header = (["attack"] + [title for _, title in VERDICT_METRICS]
+              + [f"clean called {' / '.join(labels)}", f"malicious called {' / '.join(labels)}"])
+    body = []
+    for s in rows:
+        matrix = np.asarray(s["confusion"])
+        body.append([f"{s['attack']} ({s['kind']})"] + [fmt(*s[key]) for key, _ in VERDICT_METRICS]
+                    + [_shares(matrix[0]), _shares(matrix[labels.index(s["kind"])])])
+    return header, body
+
+
 def models_table(models: Sequence[dict[str, Any]], dataset: str) -> tuple[list[str], list[list[str]]]:
     header = ["model", "clean accuracy", "attack success rate", "seeds"]
     body = [[m["model"], fmt(*m["clean_accuracy"]), fmt(*m["attack_success_rate"]), str(m["seeds"])]
@@ -260,7 +313,7 @@ def markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
              "TPR at 1% / 5% FPR are threshold-free, on the clean test scores. 'caught', 'clean FPR' and "
              f"'detection acc.' use each detector's threshold set at {fpr:.0%} FPR on a separate clean split, and "
              "the guard's own calibrated verdicts.", ""]
-    models, attacks = model_summary(cells), attack_summary(cells)
+    models, attacks, verdicts = model_summary(cells), attack_summary(cells), summarise_verdicts(cells)
     for dataset in datasets_of(cells):
         lines += [f"## {dataset}", "", "### Models", "", markdown_table(*models_table(models, dataset)), "",
                   "### Attacks", "", markdown_table(*attacks_table(attacks, dataset)), "",
@@ -272,6 +325,13 @@ def markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
                   "### The study's claim: backdoor inputs are detected more accurately than adversarial ones", "",
                   "Means over the attacks of each kind (the ± here is the spread over attacks, not seeds).", "",
                   markdown_table(*claim_table(summary, dataset, FLOORS)), ""]
+        header, body = verdict_table(verdicts, dataset)
+        if body:
+            lines += ["### The guard's verdicts on the mixed stream (clean test inputs + the attack's inputs)", "",
+                      "Three-way accuracy (benign / adversarial / backdoor), the malicious inputs typed right, and the "
+                      "guard's AUROC and TPR@1% minus those of its best member and of the best floor (mean ± std "
+                      "over seeds); the shares of each verdict are over all seeds' inputs.", "",
+                      markdown_table(header, body), ""]
         for attack in _ordered(s["attack"] for s in summary if s["dataset"] == dataset):
             kind = next(s["kind"] for s in summary if s["dataset"] == dataset and s["attack"] == attack)
             lines += [f"### {attack} ({kind})", "", markdown_table(*attack_table(summary, dataset, attack)), ""]

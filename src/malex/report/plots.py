@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+import math
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -76,5 +77,37 @@ def plot_roc_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarr
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrices(panels: Mapping[str, tuple[Sequence[str], np.ndarray]], path: str | Path,
+                            columns: int = 4) -> Path:
+    """One panel per title: a confusion matrix (rows true, columns predicted, in `labels` order), coloured by
+    the share of its row and annotated with the counts; rows without inputs are left blank."""
+    path = Path(path)
+    n = len(panels)
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.1 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (title, (labels, matrix)) in zip(axes.flat, panels.items()):
+        m = np.asarray(matrix, dtype=np.float64)
+        totals = m.sum(axis=1, keepdims=True)
+        share = np.divide(m, totals, out=np.full_like(m, np.nan), where=totals > 0)
+        ax.imshow(np.ma.masked_invalid(share), cmap="Blues", vmin=0, vmax=1)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if totals[i, 0] > 0:
+                    ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=20)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("verdict", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -17,9 +17,11 @@ import numpy as np
 
 from malex.report.aggregate import (
     METRICS, attack_summary, attack_table, attacks_table, auroc_matrix, model_summary, models_table, summarise,
+    summarise_verdicts, verdict_table,
 )
 from malex.report.analysis_plots import plot_activation_space, plot_feature_space, plot_roc_grid, plot_sensitivity
 from malex.report.html import HtmlPage
+from malex.report.plots import plot_confusion_matrices
 
 Scores = Mapping[str, tuple[np.ndarray, np.ndarray]]  # detector or guard -> (clean scores, malicious scores)
 
@@ -61,6 +63,7 @@ def build_report(view: StudyView, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(view.cells)
     models, attacks = model_summary(view.cells), attack_summary(view.cells)
+    verdicts = summarise_verdicts(view.cells)
     seed = view.analysis_seed
 
     page = HtmlPage("malex study report")
@@ -87,6 +90,17 @@ def build_report(view: StudyView, out: Path) -> Path:
             if body:
                 page.heading(f"{name} ({kind}, {method})", 3)
                 page.table(header, body)
+
+        header, body = verdict_table(verdicts, ds.name)
+        if body:
+            page.heading("The guard's verdicts", 3)
+            page.table(header, body)
+            name = f"{ds.name}-verdicts.png"
+            plot_confusion_matrices({f"{v['attack']} ({v['kind']})": (v["labels"], v["confusion"])
+                                     for v in verdicts if v["dataset"] == ds.name}, out / name)
+            page.image(name, "The guard's verdicts on each mixed stream: the cell's clean test inputs and its "
+                             "malicious inputs (rows: what they are; columns: the verdict; colour: share of the row; "
+                             f"counts summed over seeds {', '.join(map(str, view.seeds))}).")
 
         if ds.roc:
             name = f"{ds.name}-roc.png"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -34,3 +34,24 @@ def rows_table(title: str, headers: list[str], rows: Iterable[Iterable[str]]) ->
 def print_table(table: Table, console: Console | None = None) -> None:
     """Print a table to stdout (wide enough not to wrap)."""
     (console or Console(width=max(140, Console().width))).print(table)
+
+
+def confusion_table(labels: Sequence[str], matrix: Sequence[Sequence[int]], title: str) -> Table:
+    """A confusion matrix: one row per true label, one column per predicted label (counts), and each row's
+    share predicted right."""
+    table = Table(title=title, header_style="bold")
+    table.add_column("true \\ verdict", justify="left")
+    for label in labels:
+        table.add_column(label, justify="right")
+    table.add_column("right", justify="right")
+    for i, (label, row) in enumerate(zip(labels, matrix)):
+        total = sum(row)
+        table.add_row(label, *(str(int(v)) for v in row), f"{row[i] / total:.3f}" if total else "–")
+    return table
+
+
+def print_side_by_side(*tables: Table, console: Console | None = None) -> None:
+    """Print tables next to each other where the terminal is wide enough (else one below the other)."""
+    from rich.columns import Columns
+
+    (console or Console(width=max(140, Console().width))).print(Columns(list(tables), padding=(0, 4)))

@@ -114,7 +114,7 @@ def _error(status: int, code: str, message: str, headers: dict | None = None) ->
 
 def _calibration_fpr(guard: Guard) -> float:
     """Share of the clean calibration inputs that the guard's threshold flags (each against the others)."""
-    return float(guard.threshold_.flags(in_sample_guard_scores(guard.calibration_scores_)).mean())
+    return float(guard.threshold_.flags(in_sample_guard_scores(guard.calibration_scores_, guard.config.combination)).mean())
 
 
 def _info(guard: Guard, config: ServeConfig, description: dict | None, limits: dict[str, int]) -> InfoResponse:

@@ -105,6 +105,24 @@ def is_count(value: object, minimum: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def random_start(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """x plus uniform noise in [-eps, eps] (drawn on the CPU from `generator`), clipped to [0, 1]."""
+    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).mul_(2 * eps).sub_(eps)
+    return (x + noise.to(x.device)).clamp_(0.0, 1.0)
+
+
+def linf_project(adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """`adv` projected onto the Linf ball of radius eps around x, then onto [0, 1]."""
+    return torch.min(torch.max(adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def cosine_step(alpha: float, step: int, steps: int) -> float:
+    """The size of step `step` (0-based) of `steps`: alpha decayed along a cosine to alpha / 100 at the last."""
+    if steps <= 1:
+        return alpha
+    return alpha * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / (steps - 1))))
+
+
 def input_gradient(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """d loss / d x without accumulating anything into the model's parameters' `.grad`."""
     (grad,) = torch.autograd.grad(loss, [x])

@@ -121,6 +121,12 @@ class CW(AdversarialAttack):
             const = torch.where(torch.isfinite(upper), (lower + upper) / 2.0, const * 10.0)
         return best_adv
 
+    def _defence(self, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penalty added to the margin term, which inputs pass the defence) at `adv`: none here (zero penalty,
+        all pass); detector-aware subclasses (`adaptive_cw`) add the defence's evidence."""
+        return torch.zeros(adv.shape[0], device=adv.device), torch.ones(adv.shape[0], dtype=torch.bool,
+                                                                       device=adv.device)
+
     def _optimise(self, model: nn.Module, x: torch.Tensor, w0: torch.Tensor, label: torch.Tensor, targeted: bool,
                   const: torch.Tensor, best_l2: torch.Tensor, best_adv: torch.Tensor) -> torch.Tensor:
         """One Adam run from w0 at constants `const`; updates best_l2/best_adv in place.
@@ -138,9 +144,10 @@ class CW(AdversarialAttack):
             adv = from_tanh_space(w)
             m = margin(model(adv), label, targeted)
             dist = (adv - x).flatten(1).pow(2).sum(dim=1)
-            loss = dist + const * (m + kappa).clamp(min=0.0)  # f6 shifted by kappa: same gradient, >= 0
+            penalty, passes = self._defence(adv)
+            loss = dist + const * ((m + kappa).clamp(min=0.0) + penalty)  # f6 shifted by kappa: same gradient, >= 0
             with torch.no_grad():
-                success = m < -kappa
+                success = (m < -kappa) & passes
                 l2 = dist.sqrt()
                 better = success & (l2 < best_l2)
                 best_l2[better] = l2[better]

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from malex.attacks.adversarial.base import AdversarialAttack, is_count, is_number, require
+from malex.attacks.adversarial.base import (
+    AdversarialAttack, is_count, is_number, linf_project, random_start, require,
+)
 from malex.attacks.adversarial.fgsm import ascent_gradient
 
 
@@ -57,10 +59,7 @@ class PGD(AdversarialAttack):
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                  generator: torch.Generator) -> torch.Tensor:
         eps, alpha, steps = self.config.eps, self.config.step_size, self.config.steps
-        adv = x.clone()
-        if self.config.random_start and eps > 0:
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).mul_(2 * eps).sub_(eps)
-            adv = (adv + noise.to(x.device)).clamp_(0.0, 1.0)
+        adv = random_start(x, eps, generator) if self.config.random_start and eps > 0 else x.clone()
         best = adv.clone()
         ever = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for step in range(steps + 1):
@@ -76,6 +75,6 @@ class PGD(AdversarialAttack):
             ever |= hit
             if step < steps:
                 adv = adv + alpha * grad.sign()
-                adv = torch.min(torch.max(adv, x - eps), x + eps).clamp_(0.0, 1.0)
+                adv = linf_project(adv, x, eps)
         best[~ever] = adv[~ever]  # never succeeded: the final iterate
         return best

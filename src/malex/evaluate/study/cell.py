@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from malex.calibration import calibrate
 from malex.evaluate.study import fits, guards
@@ -13,13 +15,39 @@ from malex.evaluate.study.cache import Artifact, matches, normalise, read_json, 
 from malex.evaluate.study.config import GUARD
 from malex.evaluate.study.grid import Cell
 from malex.evaluate.study.seed import SeedRun
-from malex.metrics import evaluate_flags, evaluate_scores, unscored_as_suspicious
+from malex.detectors import FLOORS
+from malex.guard.verdict import BENIGN, VERDICTS
+from malex.metrics import confusion, confusion_accuracy, evaluate_flags, evaluate_scores, unscored_as_suspicious
 
 CELL_FORMAT = "malex-study-cell"
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def verdict_summary(kind: str, clean_verdict: np.ndarray, malicious_verdict: np.ndarray, rows: list[dict[str, Any]],
+                    members: Sequence[str]) -> dict[str, Any]:
+    """The guard's verdicts on the mixed stream of the cell's clean test inputs and its malicious inputs (all of
+    kind `kind`): the confusion matrix (rows true, columns verdict, in `VERDICTS` order), the three-way accuracy,
+    the share of malicious inputs typed right, and the guard's AUROC and TPR at 1% FPR minus those of its best
+    member and of the best floor (msp, penultimate Mahalanobis) among `rows`."""
+    truth = [BENIGN] * len(clean_verdict) + [kind] * len(malicious_verdict)
+    said = [VERDICTS[int(i)] for i in np.concatenate([clean_verdict, malicious_verdict])]
+    matrix = confusion(truth, said, VERDICTS)
+    by_name = {r["detector"]: r for r in rows}
+    out: dict[str, Any] = {"labels": list(VERDICTS), "confusion": matrix.tolist(),
+                           "accuracy": confusion_accuracy(matrix),
+                           "typed_right": float(np.mean([v == kind for v in said[len(clean_verdict):]]))}
+    for label, names in (("member", [m for m in members if m in by_name]),
+                         ("floor", [f for f in FLOORS if f in by_name])):
+        if names:
+            best = max(names, key=lambda n: by_name[n]["auroc"])
+            out[f"best_{label}"] = best
+            out[f"gap_{label}_auroc"] = by_name[GUARD]["auroc"] - by_name[best]["auroc"]
+            out[f"gap_{label}_tpr_at_1fpr"] = (by_name[GUARD]["tpr_at_1fpr"]
+                                               - max(by_name[n]["tpr_at_1fpr"] for n in names))
+    return out
 
 
 def compute_cell(run: SeedRun, cell: Cell) -> dict[str, Any]:
@@ -34,8 +62,8 @@ def compute_cell(run: SeedRun, cell: Cell) -> dict[str, Any]:
     fitted = run.fits(key)
     scores = fits.malicious_scores(ctx, run.specs, cell, x, attack_meta["id"], fitted, model,
                                    lambda name: run.refit(key, name))
-    guard_score, guard_flagged = guards.screen_cell(ctx, run.specs, cell, key, x, attack_meta["id"], run.guard(key),
-                                                    model, lambda: run.refit_guard(key))
+    guard_score, guard_flagged, guard_verdict = guards.screen_cell(
+        ctx, run.specs, cell, key, x, attack_meta["id"], run.guard(key), model, lambda: run.refit_guard(key))
     guard = run.guard(key)
     rows = []
     if len(x):
@@ -45,7 +73,9 @@ def compute_cell(run: SeedRun, cell: Cell) -> dict[str, Any]:
             rows.append({"detector": name, **m.as_dict(), "clean_fpr": 1.0 - m.clean_pass, "unscored": unscored})
         m = evaluate_flags(guard.clean_score, guard.clean_flagged, guard_score, guard_flagged)
         rows.append({"detector": GUARD, **m.as_dict(), "clean_fpr": 1.0 - m.clean_pass})
+        verdict = verdict_summary(attack.kind, guard.clean_verdict, guard_verdict, rows, ds.guard)
     else:
+        verdict = {}
         ctx.log(f"  {cell.attack}: no successful malicious input; the cell has no rows")
     metrics = {
         "format": CELL_FORMAT,
@@ -54,7 +84,7 @@ def compute_cell(run: SeedRun, cell: Cell) -> dict[str, Any]:
         "seed": cell.seed, "model": key, "fpr": ctx.config.fpr,
         "model_summary": {k: model_meta[k] for k in ("clean_accuracy", "attack_success_rate") if k in model_meta},
         "attack_summary": attack_meta.get("summary", {}),
-        "rows": rows, "seconds": time.perf_counter() - t0, "finished": _now(),
+        "rows": rows, "verdict": verdict, "seconds": time.perf_counter() - t0, "finished": _now(),
     }
     write_json(ctx.layout.cell_metrics(cell.dataset, cell.attack, cell.seed), metrics)
     return metrics

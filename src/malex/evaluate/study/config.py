@@ -10,7 +10,9 @@ Layout of the file (every table but `[datasets.*]` is optional; see configs/digi
     [adversarial.NAME]      attack = registry name (default NAME); targeted = true attacks every source toward
                             each other class (the study's CW); the other keys are the attack's settings
     [analysis]              enabled, seed, n, strengths, mutants, embedding, layers
-    [datasets.NAME]         data (a dataset name or an .npz path; default NAME), arch, poison_rate, target,
+    [datasets.NAME]         data (a dataset name or an .npz path; default NAME), arch (a registered name, or
+                            module:callable with arch_kwargs and the value_range, mean and std its network
+                            expects), poison_rate, target,
                             attacks (default: every backdoor and adversarial attack), and per-dataset
                             overrides of n_clean, n_malicious, n_fit, n_calibration, detectors, guard
     [datasets.NAME.train]              TrainConfig fields (the seed is the study's seed)
@@ -31,6 +33,8 @@ from typing import Any, Mapping
 
 from malex.calibration import DEFAULT_FPR, check_fpr
 from malex.errors import ConfigError
+from malex.models.preprocess import Preprocessing
+from malex.models.trainable import Trainable
 from malex.evaluate.study.fields import (
     as_settings, check_keys, check_name, config_fields, read_bool, read_float, read_int, read_names, read_str,
     read_table,
@@ -75,7 +79,7 @@ class DatasetSpec:
 
     name: str
     data: str
-    arch: str
+    network: Trainable
     train: dict[str, Any]
     poison_rate: float
     target: int
@@ -87,6 +91,11 @@ class DatasetSpec:
     n_malicious: int
     n_fit: int
     n_calibration: int
+
+    @property
+    def arch(self) -> str:
+        """The architecture's registered name, or its factory module:callable."""
+        return self.network.arch
 
     @property
     def model_keys(self) -> tuple[str, ...]:
@@ -170,12 +179,15 @@ def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
 
 
 def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec:
-    from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, make_adversarial
+    from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, EvidenceAware, make_adversarial
 
     method = read_str(table, "attack", where, name)
     if method not in ADVERSARIAL_ATTACKS:
         raise ConfigError(f"{where}.attack: unknown adversarial attack {method!r}; expected one of "
                           f"{', '.join(ADVERSARIAL_ATTACKS)}")
+    if issubclass(ADVERSARIAL_ATTACKS[method], EvidenceAware):
+        raise ConfigError(f"{where}.attack: {method!r} attacks a fitted guard, which the study does not hand to "
+                          "attacks yet; measure it with benchmarks/adaptive_attacks.py")
     targeted = read_bool(table, "targeted", where, False)
     settings = as_settings({k: v for k, v in table.items() if k not in ("attack", "targeted")})
     check_keys(settings, config_fields(ADVERSARIAL_ATTACKS[method].config_class) | {"attack", "targeted"}, where)
@@ -197,7 +209,7 @@ def _with_overrides(spec: AttackSpec, overrides: dict[str, Any], where: str) -> 
 
 _STUDY_KEYS = {"seeds", "fpr", "n_clean", "n_malicious", "n_fit", "n_calibration", "detectors", "guard", "device",
                "batch_size", "data_dir"}
-_DATASET_KEYS = {"data", "arch", "poison_rate", "target", "attacks", "detectors", "guard", "n_clean", "n_malicious",
+_DATASET_KEYS = {"data", "arch", "arch_kwargs", "value_range", "mean", "std", "poison_rate", "target", "attacks", "detectors", "guard", "n_clean", "n_malicious",
                  "n_fit", "n_calibration", "train", "attack_settings", "detector_settings"}
 _ANALYSIS_KEYS = {f.name for f in dataclasses.fields(AnalysisConfig)}
 _TOP_KEYS = {"study", "detectors", "backdoors", "adversarial", "analysis", "datasets"}
@@ -245,16 +257,19 @@ def _train(table: dict[str, Any], where: str) -> dict[str, Any]:
     return dict(table)
 
 
-def _check_detectors(arch: str, names: list[str], settings: dict[str, dict[str, Any]],
+def _check_detectors(network: Trainable, names: list[str], settings: dict[str, dict[str, Any]],
                      study_settings: dict[str, dict[str, Any]], where: str) -> None:
-    """Build every detector on an untrained model of `arch` (its default input shape), so that a bad setting
-    fails now rather than after hours of training."""
+    """Build every detector on an untrained model of a registered architecture (its default input shape), so
+    that a bad setting fails now rather than after hours of training. A factory's network is only built once
+    its data's shape is known, so its detectors are checked when the study first makes them."""
     import inspect
 
     from malex.detectors import make_detector
     from malex.models import ARCHITECTURES
 
-    builder = ARCHITECTURES[arch].build
+    if network.foreign:
+        return
+    builder = ARCHITECTURES[network.arch].build
     shape = inspect.signature(builder).parameters.get("input_shape")
     if shape is None or shape.default is inspect.Parameter.empty:
         return
@@ -266,6 +281,27 @@ def _check_detectors(arch: str, names: list[str], settings: dict[str, dict[str, 
             origin = f"{where}.detector_settings.{name}" if name not in study_settings or \
                 settings.get(name) != study_settings[name] else f"detectors.{name}"
             raise ConfigError(f"{origin}: {exc}") from exc
+
+
+def _network(table: dict[str, Any], where: str) -> Trainable:
+    """The dataset's architecture: a registered name, or module:callable with arch_kwargs and the
+    preprocessing (value_range, mean, std) its network expects; the factory is imported now, so that a
+    missing module or a bad argument fails before any training."""
+    from malex.models import ARCHITECTURES
+    from malex.models.sources import build_foreign
+
+    arch = read_str(table, "arch", where, None)
+    if arch is None:
+        raise ConfigError(f"{where}.arch: missing; expected one of {', '.join(ARCHITECTURES)} or module:callable")
+    kwargs = read_table(table.get("arch_kwargs", {}), f"{where}.arch_kwargs")
+    prep = {k: table[k] for k in ("value_range", "mean", "std") if k in table}
+    try:
+        network = Trainable(arch, dict(kwargs), Preprocessing(**prep))
+        if network.foreign:
+            build_foreign(network.arch, network.arch_kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.arch: {exc}") from exc
+    return network
 
 
 def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> StudyConfig:
@@ -321,12 +357,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> 
         check_name(name, where)
         table = read_table(table, where)
         check_keys(table, _DATASET_KEYS, where)
-        arch = read_str(table, "arch", where, None)
-        if arch is None:
-            raise ConfigError(f"{where}.arch: missing; expected one of {', '.join(ARCHITECTURES)}")
-        if arch not in ARCHITECTURES:
-            raise ConfigError(f"{where}.arch: unknown architecture {arch!r}; expected one of "
-                              f"{', '.join(ARCHITECTURES)}")
+        network = _network(table, where)
         data = read_str(table, "data", where, name)
         if base is not None and (data.endswith(".npz") or "/" in data) and not Path(data).is_absolute():
             data = str(base / data)
@@ -352,9 +383,9 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> 
                                   f"{', '.join(DETECTORS)}")
             ds_settings[det] = {**ds_settings.get(det, {}), **as_settings(read_table(t, f"{where}.detector_settings.{det}"))}
         used = set(ds_detectors) | set(ds_guard)
-        _check_detectors(arch, [d for d in DETECTORS if d in used], ds_settings, det_settings, where)
+        _check_detectors(network, [d for d in DETECTORS if d in used], ds_settings, det_settings, where)
         datasets.append(DatasetSpec(
-            name=name, data=data, arch=arch,
+            name=name, data=data, network=network,
             train=_train(read_table(table.get("train", {}), f"{where}.train"), f"{where}.train"),
             poison_rate=read_float(table, "poison_rate", where, 0.1, 0.0, 1.0),
             target=read_int(table, "target", where, 0),

@@ -1,5 +1,8 @@
 """The study's guard: fitted once per model on both clean validation halves, its screening of the clean test
-inputs cached beside it, and its screening of each cell's malicious inputs cached in the cell."""
+inputs cached beside it, and its screening of each cell's malicious inputs cached in the cell.
+
+A screening holds the guard score, the flag and the verdict of each input (`VERDICTS` index). Screenings cached
+before verdicts were recorded are screened again by the cached guard file (nothing is refitted)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ from malex.evaluate.study.grid import Cell
 from malex.evaluate.study.pools import Pools
 from malex.evaluate.study.specs import Specs
 from malex.guard import Guard, GuardConfig
+from malex.guard.verdict import VERDICTS
+
+#: the tensors a cached screening holds
+SCREENING = ("guard_score", "flagged", "verdict")
 
 
 @dataclass
@@ -27,6 +34,7 @@ class GuardFit:
     id: str
     clean_score: np.ndarray
     clean_flagged: np.ndarray
+    clean_verdict: np.ndarray  # index into VERDICTS per clean test input
     guard: Guard | None = None
 
 
@@ -40,11 +48,22 @@ def guard_config(specs: Specs) -> GuardConfig:
 
 def _screening(screened) -> dict[str, torch.Tensor]:
     return {"guard_score": torch.from_numpy(np.asarray(screened.guard_score, np.float64)),
-            "flagged": torch.from_numpy(np.asarray(screened.flagged, bool).astype(np.uint8))}
+            "flagged": torch.from_numpy(np.asarray(screened.flagged, bool).astype(np.uint8)),
+            "verdict": torch.tensor([VERDICTS.index(v) for v in screened.verdict], dtype=torch.uint8)}
 
 
-def _read_screening(got: tuple[dict, dict[str, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
-    return got[1]["guard_score"].numpy(), got[1]["flagged"].numpy().astype(bool)
+def _read_screening(got: tuple[dict, dict[str, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(guard scores, flags, verdict indices)."""
+    t = got[1]
+    return t["guard_score"].numpy(), t["flagged"].numpy().astype(bool), t["verdict"].numpy().astype(np.int64)
+
+
+def _load(ctx: StudyContext, specs: Specs, key: str, model: nn.Module) -> Guard | None:
+    """The cached guard file of `key`'s model, or None when it no longer loads."""
+    try:
+        return Guard.load(ctx.layout.guard(specs.ds.name, specs.seed, key), model)
+    except (MalexError, OSError):
+        return None
 
 
 def load_or_fit_guard(ctx: StudyContext, specs: Specs, key: str, model: nn.Module, model_id: str, pools: Pools,
@@ -52,10 +71,17 @@ def load_or_fit_guard(ctx: StudyContext, specs: Specs, key: str, model: nn.Modul
     """`key`'s guard: its cached screening of the clean test inputs (the guard itself is loaded when needed), or
     fitted now."""
     ds = specs.ds
-    got = Artifact(ctx.layout.guard_clean(ds.name, specs.seed, key), specs.guard(model_id)).read("guard_score",
-                                                                                                  "flagged")
+    artifact = Artifact(ctx.layout.guard_clean(ds.name, specs.seed, key), specs.guard(model_id))
+    got = artifact.read(*SCREENING)
     if got is not None and ctx.layout.guard(ds.name, specs.seed, key).is_file():
         return GuardFit(got[0]["id"], *_read_screening(got))
+    if artifact.read("guard_score", "flagged") is not None:  # cached before verdicts were: screen again
+        guard = _load(ctx, specs, key, model)
+        if guard is not None:
+            screened = _screening(guard.screen(clean))
+            meta = artifact.write(screened)
+            ctx.counts["guard_screenings"] += 1
+            return GuardFit(meta["id"], *_read_screening(({}, screened)), guard)
     return fit_guard(ctx, specs, key, model, model_id, pools, clean)
 
 
@@ -73,24 +99,25 @@ def fit_guard(ctx: StudyContext, specs: Specs, key: str, model: nn.Module, model
     guard.save(ctx.layout.guard(ds.name, specs.seed, key), overwrite=True)
     meta = Artifact(ctx.layout.guard_clean(ds.name, specs.seed, key), specs.guard(model_id)).write(screened)
     ctx.counts["guards_fitted"] += 1
-    return GuardFit(meta["id"], screened["guard_score"].numpy(), screened["flagged"].numpy().astype(bool), guard)
+    return GuardFit(meta["id"], *_read_screening(({}, screened)), guard)
 
 
 def screen_cell(ctx: StudyContext, specs: Specs, cell: Cell, key: str, x: torch.Tensor, attack_id: str,
-                fit: GuardFit, model: nn.Module, refit: Callable[[], GuardFit]) -> tuple[np.ndarray, np.ndarray]:
-    """The guard's score and flag on the cell's malicious inputs: cached, or screened now (a guard file that no
-    longer loads is refitted through `refit`)."""
+                fit: GuardFit, model: nn.Module, refit: Callable[[], GuardFit]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The guard's score, flag and verdict on the cell's malicious inputs: cached, or screened now (a guard file
+    that no longer loads is refitted through `refit`)."""
     path = ctx.layout.cell_guard(cell.dataset, cell.attack, cell.seed)
-    got = Artifact(path, specs.screening(attack_id, fit.id)).read("guard_score", "flagged")
+    got = Artifact(path, specs.screening(attack_id, fit.id)).read(*SCREENING)
     if got is not None:
         return _read_screening(got)
     if len(x) and fit.guard is None:
-        try:
-            fit.guard = Guard.load(ctx.layout.guard(cell.dataset, cell.seed, key), model)
-        except (MalexError, OSError):
+        fit.guard = _load(ctx, specs, key, model)
+        if fit.guard is None:
             fit = refit()
     screened = _screening(fit.guard.screen(x)) if len(x) else {
-        "guard_score": torch.zeros(0, dtype=torch.float64), "flagged": torch.zeros(0, dtype=torch.uint8)}
+        "guard_score": torch.zeros(0, dtype=torch.float64), "flagged": torch.zeros(0, dtype=torch.uint8),
+        "verdict": torch.zeros(0, dtype=torch.uint8)}
     Artifact(path, specs.screening(attack_id, fit.id)).write(screened)
     ctx.counts["guard_screenings"] += 1
     return _read_screening(({}, screened))

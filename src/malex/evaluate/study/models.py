@@ -12,15 +12,14 @@ from malex.evaluate.study.cache import matches, new_id, normalise
 from malex.evaluate.study.context import StudyContext
 from malex.evaluate.study.pools import Pools
 from malex.evaluate.study.specs import Specs
-from malex.models import load_model, read_description, save_model
 from malex.models.train import TrainConfig
 
 
 def recorded_model(ctx: StudyContext, specs: Specs, key: str) -> dict[str, Any] | None:
     """The study record of `key`'s cached model when it was made from today's spec (no weights read)."""
     try:
-        meta = read_description(ctx.layout.model(specs.ds.name, specs.seed, key))["info"].get("study")
-    except (ModelFileError, KeyError, AttributeError):
+        meta = specs.ds.network.record(ctx.layout.model(specs.ds.name, specs.seed, key)).get("study")
+    except (ModelFileError, AttributeError):
         return None
     return meta if matches(meta, specs.model(key)) else None
 
@@ -32,8 +31,7 @@ def load_or_train(ctx: StudyContext, specs: Specs, pools: Pools, key: str) -> tu
     meta = recorded_model(ctx, specs, key)
     if meta is not None:
         try:
-            model, _ = load_model(path, ctx.device)
-            return model, meta
+            return ds.network.load(path, ctx.device), meta
         except ModelFileError:
             pass
     backdoor = ds.backdoor_of(key)
@@ -41,13 +39,13 @@ def load_or_train(ctx: StudyContext, specs: Specs, pools: Pools, key: str) -> tu
     ctx.log(f"  training {what} ({ds.arch}, {ds.train.get('epochs', TrainConfig.epochs)} epochs)")
     trigger = None if backdoor is None else make_trigger(backdoor.method, **backdoor.settings)
     poison = None if backdoor is None else PoisonConfig(ds.rate_of(backdoor), ds.target, seed)
-    trained = train_model(pools.data, ds.arch, TrainConfig(**ds.train, seed=seed), trigger, poison,
+    trained = train_model(pools.data, ds.network.build, TrainConfig(**ds.train, seed=seed), trigger, poison,
                           device=ctx.device, progress=ctx.progress)
     info = {"clean_accuracy": trained.clean_accuracy}
     if trigger is not None:
         info["attack_success_rate"] = trained.attack_success_rate
     meta = {"spec": normalise(specs.model(key)), "id": new_id(), **info, "seconds": trained.seconds}
-    save_model(trained.model, path, ds.arch, info={"dataset": pools.data.name, "study": meta}, overwrite=True)
+    ds.network.save(trained.model, path, {"dataset": pools.data.name, "study": meta}, overwrite=True)
     ctx.counts["models_trained"] += 1
     facts = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in info.items())
     ctx.log(f"  {what}: {facts} ({meta['seconds']:.0f} s)")

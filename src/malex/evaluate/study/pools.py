@@ -34,7 +34,8 @@ def make_pools(config: StudyConfig, ds: DatasetSpec, seed: int) -> Pools:
     if not 0 <= ds.target < data.num_classes:
         raise ConfigError(f"datasets.{ds.name}.target: {ds.target} is not a class of {data.name}; expected "
                           f"0..{data.num_classes - 1}")
-    fit_idx, cal_idx = split_keeping_groups(data.val.y, data.val.groups, (0.5, 0.5), seed)
+    fit_idx, cal_idx = split_keeping_groups(data.val.y, data.val.groups, (0.5, 0.5), seed,
+                                            part_names=("the detectors' fit pool", "their calibration pool"))
     clean_idx, source_idx = stratified_split(data.test.y, (0.5, 0.5), seed)
     return Pools(data, data.val.subset(fit_idx[:ds.n_fit]), data.val.subset(cal_idx[:ds.n_calibration]),
                  data.test.subset(clean_idx), data.test.subset(source_idx))

@@ -94,11 +94,14 @@ class Study:
         log = self.ctx.log
         for i, cell in enumerate(cells, 1):
             where = f"[{i}/{len(cells)}] {cell.label}"
-            if self.cell_finished(cell):
+            earlier = self.cell_metrics(cell)
+            if earlier is not None and "verdict" in earlier:
                 log(f"{where}: finished earlier, skipped")
                 skipped.append(cell)
                 continue
-            log(f"{where}: running")
+            # a cell finished before the guard's verdicts were measured is measured again from the cached
+            # models, attacks and scores (the guard screens its inputs once more)
+            log(f"{where}: {'measuring the verdicts' if earlier is not None else 'running'}")
             t0 = time.perf_counter()
             self.compute(cell)
             computed.append(cell)

@@ -35,7 +35,7 @@ class Specs:
     def model(self, key: str) -> dict[str, Any]:
         ds = self.ds
         backdoor = ds.backdoor_of(key)
-        return {"data": ds.data, "data_dir": self.config.data_dir, "seed": self.seed, "arch": ds.arch,
+        return {"data": ds.data, "data_dir": self.config.data_dir, "seed": self.seed, **ds.network.describe(),
                 "train": ds.train,
                 "backdoor": None if backdoor is None else {**backdoor.describe(), "rate": ds.rate_of(backdoor),
                                                            "target": ds.target}}

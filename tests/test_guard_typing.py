@@ -1,0 +1,77 @@
+"""Learned typing: a guard that types flagged inputs with a logistic regression fitted on examples it makes
+itself (PGD it crafts, universal triggers it optimises) types a planted trigger and PGD examples it never saw,
+and keeps its typing through save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from malex.errors import ConfigError, ModelFileError
+from malex.guard import ADVERSARIAL, BACKDOOR, Guard, GuardConfig
+from malex.guard.kind_model import KindModel
+
+#: small stand-in settings, so the test stays short (the defaults attack 300 inputs at 3 budgets)
+SMALL = {"n_inputs": 80, "pgd_eps": [0.1, 0.3], "trigger_steps": 30}
+#: the share of flagged trigger and PGD inputs the learned typing must call by their kind
+TYPING_BOUND = 0.8
+
+
+@pytest.fixture(scope="module")
+def learned(poisoned_digits):
+    data = poisoned_digits["data"]
+    config = GuardConfig(typing="learned", typing_settings=SMALL, progress=False)
+    return Guard(poisoned_digits["model"], config).fit(data.val.x, data.val.y)
+
+
+def test_learned_typing_types_a_planted_trigger_and_pgd(poisoned_digits, learned):
+    assert isinstance(learned.kind_model_, KindModel) and learned.typing_seconds_ > 0
+    right = []
+    for x, kind in ((poisoned_digits["backdoor"], BACKDOOR), (poisoned_digits["pgd_stop"], ADVERSARIAL)):
+        verdict = np.array(learned.screen(x).verdict)
+        flagged = verdict[verdict != "benign"]
+        assert len(flagged) > 0.5 * len(x)
+        right.append(float(np.mean(flagged == kind)))
+    assert min(right) > TYPING_BOUND, right
+
+
+def test_learned_typing_survives_save_and_load(poisoned_digits, learned, tmp_path):
+    path = learned.save(tmp_path / "g.safetensors")
+    loaded = Guard.load(path, poisoned_digits["model"])
+    assert loaded.config.typing == "learned" and loaded.describe()["typing"] == "learned"
+    x = torch.cat([poisoned_digits["backdoor"][:40], poisoned_digits["pgd_stop"][:40], poisoned_digits["correct"].x[:40]])
+    a, b = learned.screen(x), loaded.screen(x)
+    assert a.verdict == b.verdict
+    pvalues = a.pvalues
+    np.testing.assert_array_equal(learned.kind_model_.backdoor_probability(pvalues),
+                                  loaded.kind_model_.backdoor_probability(pvalues))
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+    assert {"typing/mean", "typing/scale", "typing/coef", "typing/intercept"} <= names
+
+
+def test_a_learned_guard_file_without_its_typing_is_refused(poisoned_digits, learned, tmp_path):
+    from malex.guard.io import _digest
+
+    path = learned.save(tmp_path / "g.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith("typing/coef")}
+    header = json.loads(meta["malex"])
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"malex": meta["malex"],
+                                                                    "digest": _digest(header, tensors)})
+    with pytest.raises(ModelFileError, match="coef"):
+        Guard.load(tmp_path / "bad.safetensors", poisoned_digits["model"])
+
+
+def test_typing_settings_are_checked():
+    with pytest.raises(ConfigError, match="typing"):
+        GuardConfig(typing="guess")
+    with pytest.raises(ConfigError, match="typing_settings"):
+        GuardConfig(typing="learned", typing_settings={"budget": 3})
+    with pytest.raises(ConfigError, match="pgd_eps"):
+        GuardConfig(typing="learned", typing_settings={"pgd_eps": [2.0]})
