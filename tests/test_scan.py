@@ -93,11 +93,11 @@ def test_an_interrupted_scan_resumes_without_losing_or_repeating_rows(scanned, t
 
     real, calls = malex.scan.screen.screen_columns, []
 
-    def dies_on_the_third_part(guard, part):
+    def dies_on_the_third_part(guard, part, resize=False):
         calls.append(part.name)
         if len(calls) == 3:
             raise KeyboardInterrupt  # the process is stopped half-way through a part
-        return real(guard, part)
+        return real(guard, part, resize)
 
     monkeypatch.setattr(malex.scan.screen, "screen_columns", dies_on_the_third_part)
     settings = ScanSettings(part_size=50, progress=False)
@@ -132,6 +132,18 @@ def test_bad_sources_are_one_line_errors(scanned, tmp_path):
     np.save(tmp_path / "wrong.npy", np.zeros((4, 9, 9), dtype=np.uint8))
     with pytest.raises(Exception, match="expected \\(N, 1, 8, 8\\)"):
         scan_to_folder(str(tmp_path / "wrong.npy"), scanned["spec"], tmp_path / "out", settings)
+
+
+def test_images_of_another_size_are_refused_or_resized(scanned, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "big").mkdir()
+    Image.fromarray(np.full((16, 12), 200, dtype=np.uint8)).save(tmp_path / "big" / "a.png")
+    with pytest.raises(InputError, match="16x12 pixels.*expected 8x8"):
+        scan_to_folder(str(tmp_path / "big"), scanned["spec"], tmp_path / "out", ScanSettings(progress=False))
+    report = scan_to_folder(str(tmp_path / "big"), scanned["spec"], tmp_path / "out",
+                            ScanSettings(progress=False, resize=True, force=True))
+    assert report.computed_inputs == 1 and _rows(tmp_path / "out")["source"] == [str(tmp_path / "big" / "a.png")]
 
 
 def test_cli_scan_out_dir_and_ray_without_ray(scanned, tmp_path, monkeypatch, capsys):

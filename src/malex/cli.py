@@ -343,7 +343,7 @@ def scan(
             raise ConfigError("--ray writes a folder of parts: give --out-dir (and no --output)" if out_dir is None
                               else "give --out-dir or --output, not both")
         check_folder(out_dir)
-        settings = ScanSettings(fmt or "parquet", part_size, ray, actors, not quiet, force)
+        settings = ScanSettings(fmt or "parquet", part_size, ray, actors, not quiet, force, resize)
         spec = GuardSpec(guard_file, _model_spec(model, arch, arch_kwargs, input_shape, mean, std, value_range),
                          _guard_key(guard_key_file))
         _scan_folder(inputs, out_dir, spec, settings)

@@ -162,7 +162,7 @@ def _parquet_rows(shard: Shard, start: int, stop: int):
     return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=chunks[0].type).combine_chunks()
 
 
-def _from_parquet_values(values, shard: Shard, shape: tuple[int, int, int], where: str) -> np.ndarray:
+def _from_parquet_values(values, shard: Shard, shape: tuple[int, int, int], where: str, resize: bool) -> np.ndarray:
     """(N, C, H, W) or (N, H, W[, C]) images from an Arrow array of encoded images (binary, or Hugging Face
     datasets' {bytes, path} structs) or of numbers per image (nested lists, or flat C*H*W); whole numbers in
     0..255 are 8-bit pixels."""
@@ -174,7 +174,7 @@ def _from_parquet_values(values, shard: Shard, shape: tuple[int, int, int], wher
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         image = pillow()
         return np.stack([decode_image(image, io.BytesIO(v.as_py()), f"{where} row {start_row}", shape[0],
-                                      tuple(shape[1:]), False, MAX_PIXELS, "the model's size")
+                                      tuple(shape[1:]), resize, MAX_PIXELS, "the model's size")
                          for start_row, v in enumerate(values)])
     dims = []
     while pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
@@ -200,13 +200,14 @@ def _from_parquet_values(values, shard: Shard, shape: tuple[int, int, int], wher
     return flat.reshape((n, *shape))
 
 
-def read_rows(shard: Shard, start: int, stop: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Inputs [start, stop) of `shard` as float32 NCHW in [0, 1], validated for a model taking `shape` (C, H, W)."""
+def read_rows(shard: Shard, start: int, stop: int, shape: tuple[int, int, int], resize: bool = False) -> torch.Tensor:
+    """Inputs [start, stop) of `shard` as float32 NCHW in [0, 1], validated for a model taking `shape` (C, H, W);
+    encoded images of another size are resized to it when `resize`, else refused."""
     where = f"{shard.path} rows {start}..{stop}"
     if not 0 <= start < stop <= shard.rows:
         raise ConfigError(f"{where}: outside the shard's {shard.rows} rows")
     if shard.kind == "parquet":
-        array = _from_parquet_values(_parquet_rows(shard, start, stop), shard, shape, where)
+        array = _from_parquet_values(_parquet_rows(shard, start, stop), shard, shape, where, resize)
         return to_nchw_float(array, shape=shape, channels=shape[0], source=where)
     if shard.kind == "npy":
         with open(shard.path, "rb") as handle:
@@ -219,10 +220,11 @@ def read_rows(shard: Shard, start: int, stop: int, shape: tuple[int, int, int]) 
     return to_nchw_float(array, shape=shape, source=where)
 
 
-def read_image_files(paths: list[str], shape: tuple[int, int, int]) -> torch.Tensor:
-    """PNG/JPEG files as float32 NCHW in [0, 1], each of the model's size (`shape` = C, H, W)."""
+def read_image_files(paths: list[str], shape: tuple[int, int, int], resize: bool = False) -> torch.Tensor:
+    """PNG/JPEG files as float32 NCHW in [0, 1] for a model taking `shape` (C, H, W): each of its size, or resized
+    to it when `resize`."""
     image = pillow()
-    arrays = [decode_image(image, Path(p), p, shape[0], tuple(shape[1:]), False, MAX_PIXELS, "the model's size")
+    arrays = [decode_image(image, Path(p), p, shape[0], tuple(shape[1:]), resize, MAX_PIXELS, "the model's size")
               for p in paths]
     return to_nchw_float(np.stack(arrays), channels=shape[0], source=os.path.commonpath(paths) if paths else None)
 

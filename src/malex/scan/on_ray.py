@@ -20,15 +20,16 @@ from malex.scan.screen import PartDone, process_part
 class PartScreener:
     """A Ray actor's work: load the guard once, then screen each part it is handed and write its file."""
 
-    def __init__(self, spec: GuardSpec, folder: ScanFolder, threads: int = 1) -> None:
+    def __init__(self, spec: GuardSpec, folder: ScanFolder, threads: int = 1, resize: bool = False) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.guard = spec.load()
         self.folder = folder
+        self.resize = resize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done = [process_part(self.guard, Part.from_json(str(text)), self.folder) for text in batch["part"]]
+        done = [process_part(self.guard, Part.from_json(str(text)), self.folder, self.resize) for text in batch["part"]]
         return {f.name: np.array([getattr(d, f.name) for d in done]) for f in fields(PartDone)}
 
 
@@ -38,7 +39,7 @@ def _plain(value):
 
 
 def run_on_ray(spec: GuardSpec, parts: list[Part], folder: ScanFolder, address: str, actors: int,
-               advance: Callable[[int], None], threads: int = 1) -> list[PartDone]:
+               advance: Callable[[int], None], threads: int = 1, resize: bool = False) -> list[PartDone]:
     """Screen `parts` with `actors` Ray actors (one CPU each, `threads` torch threads); `advance(n)` as parts
     finish. Returns what each part gave."""
     ray = import_ray()
@@ -49,7 +50,7 @@ def run_on_ray(spec: GuardSpec, parts: list[Part], folder: ScanFolder, address: 
         context.enable_progress_bars = False
         items = [{"part": p.to_json()} for p in parts]
         screened = ray.data.from_items(items, override_num_blocks=max(len(items), 1)).map_batches(
-            PartScreener, fn_constructor_kwargs={"spec": spec, "folder": folder, "threads": threads},
+            PartScreener, fn_constructor_kwargs={"spec": spec, "folder": folder, "threads": threads, "resize": resize},
             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
         done: list[PartDone] = []
         try:

@@ -40,11 +40,13 @@ class Part:
         d = json.loads(text)
         return cls(d["name"], Shard(**d["shard"]) if d["shard"] else None, d["start"], d["stop"], tuple(d["images"]))
 
-    def read(self, shape: tuple[int, int, int]) -> tuple[list[str], np.ndarray, torch.Tensor]:
-        """(source file of each input, its row in that file, the inputs as float32 NCHW in [0, 1])."""
+    def read(self, shape: tuple[int, int, int], resize: bool = False) -> tuple[list[str], np.ndarray, torch.Tensor]:
+        """(source file of each input, its row in that file, the inputs as float32 NCHW in [0, 1]); encoded images
+        of another size than `shape` are resized when `resize`, else refused."""
         if self.images:
-            return list(self.images), np.zeros(len(self.images), dtype=np.int64), read_image_files(list(self.images), shape)
-        x = read_rows(self.shard, self.start, self.stop, shape)
+            x = read_image_files(list(self.images), shape, resize)
+            return list(self.images), np.zeros(len(self.images), dtype=np.int64), x
+        x = read_rows(self.shard, self.start, self.stop, shape, resize)
         return [self.shard.path] * len(self), np.arange(self.start, self.stop, dtype=np.int64), x
 
 

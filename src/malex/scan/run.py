@@ -23,7 +23,8 @@ MANIFEST_VERSION = 1
 @dataclass(frozen=True)
 class ScanSettings:
     """How to scan: output format, inputs per part, where (`ray`: None on this machine, else a Ray address,
-    'local' for a private instance), how many actors, whether to draw a bar, whether to start over."""
+    'local' for a private instance), how many actors, whether to draw a bar, whether to start over, and whether
+    images of another size are resized to the model's (else refused)."""
 
     fmt: str = "parquet"
     part_size: int = DEFAULT_PART_SIZE
@@ -31,6 +32,7 @@ class ScanSettings:
     actors: int = 2
     progress: bool = True
     force: bool = False
+    resize: bool = False
 
 
 @dataclass
@@ -73,6 +75,7 @@ def manifest(spec: GuardSpec, shards: list, settings: ScanSettings) -> dict:
     """What a scan folder is a scan of: the source's files and counts, the guard and model files' digests, and
     the part size and format (a rerun resumes only the same scan)."""
     return {"malex_scan": MANIFEST_VERSION, "format": settings.fmt, "part_size": settings.part_size,
+            "resize": settings.resize,
             "guard_sha256": file_sha256(Path(spec.guard_file)), "model_sha256": file_sha256(Path(spec.model.path)),
             "source": [[s.path, s.kind, s.key, s.rows] for s in shards]}
 
@@ -95,13 +98,14 @@ def scan_to_folder(source: str, spec: GuardSpec, out: Path, settings: ScanSettin
     with counter("screening", sum(len(p) for p in pending), enabled=settings.progress) as advance:
         if settings.ray is None:
             for part in pending:
-                report.computed.append(process_part(guard, part, folder))
+                report.computed.append(process_part(guard, part, folder, settings.resize))
                 advance(len(part))
         elif pending:  # nothing left to do starts no Ray
             from malex.scan.on_ray import run_on_ray
 
             del guard  # the actors load their own
-            report.computed = run_on_ray(spec, pending, folder, settings.ray, settings.actors, advance)
+            report.computed = run_on_ray(spec, pending, folder, settings.ray, settings.actors, advance,
+                                         resize=settings.resize)
     attempts = folder.attempts()
     finished = [d.name for d in report.computed]
     report.retried = {name: attempts[name] for name in finished if len(attempts.get(name, ())) > 1}

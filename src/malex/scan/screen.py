@@ -43,21 +43,22 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def screen_columns(guard: Guard, part: Part) -> dict[str, list | np.ndarray]:
-    """The output columns of one part: source file, row, prediction, verdict, guard score, each detector's score."""
-    sources, rows, x = part.read(guard.input_shape)
+def screen_columns(guard: Guard, part: Part, resize: bool = False) -> dict[str, list | np.ndarray]:
+    """The output columns of one part: source file, row, prediction, verdict, guard score, each detector's score
+    (`resize`: images of another size are resized to the model's)."""
+    sources, rows, x = part.read(guard.input_shape, resize)
     result = guard.screen(x)
     return {"source": sources, "index": rows, "prediction": result.prediction.astype(np.int64),
             "verdict": list(result.verdict), "guard_score": result.guard_score.astype(np.float64),
             **{name: np.asarray(scores, dtype=np.float64) for name, scores in result.scores.items()}}
 
 
-def process_part(guard: Guard, part: Part, folder: ScanFolder) -> PartDone:
+def process_part(guard: Guard, part: Part, folder: ScanFolder, resize: bool = False) -> PartDone:
     """Record the attempt, screen `part`, write its output file (atomically, under its own name: a part done
     twice is written twice with the same rows, never appended), and say what it gave."""
     worker = worker_name()
     folder.begin(part.name, worker)
-    columns = screen_columns(guard, part)
+    columns = screen_columns(guard, part, resize)
     folder.write(part.name, columns)
     flagged = sum(v != BENIGN for v in columns["verdict"])
     return PartDone(part.name, len(part), int(flagged), worker, peak_rss_mib(), cpu_seconds())
