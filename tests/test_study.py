@@ -400,3 +400,28 @@ def test_cli_study_on_ray_without_ray_is_one_line(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and "\n" not in err and "pip install 'malex[ray]'" in err, err
     assert not (tmp_path / "out").exists()  # refused before the folder was claimed
+
+
+@pytest.mark.parametrize(("cluster", "device", "cpus", "gpus", "expected"), [
+    ({"CPU": 8.0}, "auto", 1, None, {"num_cpus": 1, "num_gpus": 0.0}),
+    ({"CPU": 8.0, "GPU": 2.0}, "auto", 2, None, {"num_cpus": 2, "num_gpus": 1.0}),
+    ({"CPU": 8.0, "GPU": 2.0}, "cpu", 1, None, {"num_cpus": 1, "num_gpus": 0.0}),
+    ({"CPU": 8.0, "GPU": 2.0}, "cuda", 1, 0.5, {"num_cpus": 1, "num_gpus": 0.5}),
+])
+def test_ray_tasks_ask_for_a_gpu_where_the_cluster_has_one(cluster, device, cpus, gpus, expected):
+    from malex.evaluate.study.on_ray import task_resources
+
+    assert task_resources(cluster, device, cpus, gpus) == expected
+
+
+@pytest.mark.parametrize(("cluster", "device", "cpus", "gpus", "needle"), [
+    ({"CPU": 8.0}, "auto", 1, 1.0, "the cluster has 0 GPU(s)"),
+    ({"CPU": 8.0, "GPU": 1.0}, "cpu", 1, 1.0, "0 for device 'cpu'"),
+    ({"CPU": 8.0}, "auto", 0, None, "--cpus-per-task is 0"),
+])
+def test_ray_task_resources_the_cluster_cannot_give_are_refused(cluster, device, cpus, gpus, needle):
+    from malex.evaluate.study.on_ray import task_resources
+
+    with pytest.raises(ConfigError) as info:
+        task_resources(cluster, device, cpus, gpus)
+    assert needle in str(info.value)

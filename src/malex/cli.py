@@ -478,7 +478,11 @@ def study(
     ray: Optional[str] = typer.Option(
         None, "--ray", help="Run the grid as Ray tasks, one per model (needs the ray extra): bare --ray or 'local' "
         "starts Ray on this machine, 'auto' joins its running cluster, or give a cluster address."),
-    workers: int = typer.Option(2, "--workers", help="Ray tasks at a time (one CPU each)."),
+    workers: int = typer.Option(2, "--workers", help="Ray tasks at a time."),
+    cpus_per_task: int = typer.Option(1, "--cpus-per-task", help="CPUs (torch threads) each Ray task asks for."),
+    gpus_per_task: Optional[float] = typer.Option(
+        None, "--gpus-per-task", help="GPUs each Ray task asks for (default: 1 when the cluster has a GPU and the "
+        "config's device is not cpu, else 0)."),
 ) -> None:
     """Run (or resume) a study grid: datasets x attacks x detectors x seeds, with tables and a report.
 
@@ -500,7 +504,8 @@ def study(
         from malex.evaluate.study.on_ray import run_study_on_ray
 
         result, tasks = run_study_on_ray(runner, config.read_text(encoding="utf-8"), ray, workers, select,
-                                         report=not no_report)
+                                         report=not no_report, cpus_per_task=cpus_per_task,
+                                         gpus_per_task=gpus_per_task)
         longest = max(tasks, key=lambda t: t.seconds, default=None)
         if longest is not None:
             out.print(f"{len(tasks)} Ray task(s), {sum(t.seconds for t in tasks):.0f} task-seconds in all; the longest, "

@@ -62,6 +62,24 @@ def model_tasks(config: StudyConfig, select: Selection = Selection()) -> list[Mo
     return tasks
 
 
+def task_resources(cluster: dict[str, float], device: str, cpus: int = 1, gpus: float | None = None
+                   ) -> dict[str, float]:
+    """What each model task asks Ray for: `cpus` CPUs (its torch threads), and `gpus` GPUs; by default one GPU
+    when the cluster has one and the study's device is not "cpu" (a task's `device = "auto"` then finds the GPU
+    Ray gives it, and tasks without one see none). Asking for GPUs the cluster lacks is a `ConfigError`."""
+    from malex.errors import ConfigError
+
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise ConfigError(f"--cpus-per-task is {cpus!r}; expected an integer >= 1")
+    have = float(cluster.get("GPU", 0.0))
+    if gpus is None:
+        gpus = 1.0 if have >= 1 and device != "cpu" else 0.0
+    elif not 0 <= gpus <= max(have, 0.0) or (gpus > 0 and device == "cpu"):
+        raise ConfigError(f"--gpus-per-task {gpus}; the cluster has {have:g} GPU(s) and the study's device is "
+                          f"{device!r}: expected 0..{have:g}, and 0 for device 'cpu'")
+    return {"num_cpus": cpus, "num_gpus": float(gpus)}
+
+
 def run_model_task(config: StudyConfig, out_dir: Path, task: ModelTask, threads: int = 1) -> TaskDone:
     """Compute the task's unfinished cells, then its model's analysis when this is the analysis seed and every
     attack on the model is on disk (what a Ray worker runs; plain Python, so it runs anywhere)."""
@@ -83,9 +101,10 @@ def run_model_task(config: StudyConfig, out_dir: Path, task: ModelTask, threads:
 
 
 def run_study_on_ray(study: Study, config_text: str | None, address: str, workers: int,
-                     select: Selection = Selection(), report: bool = True) -> tuple[StudyRun, list[TaskDone]]:
-    """Run `study`'s (selected) grid as Ray tasks, at most `workers` at a time (one CPU each), then its tables and
-    report on this machine. Returns the run (cells computed by the tasks) and what each task did."""
+                     select: Selection = Selection(), report: bool = True, cpus_per_task: int = 1,
+                     gpus_per_task: float | None = None) -> tuple[StudyRun, list[TaskDone]]:
+    """Run `study`'s (selected) grid as Ray tasks, at most `workers` at a time (each with `task_resources`), then
+    its tables and report on this machine. Returns the run (cells computed by the tasks) and what each task did."""
     ray = import_ray()
     check_workers(workers, "--workers")
     select.check(study.config)
@@ -96,12 +115,14 @@ def run_study_on_ray(study: Study, config_text: str | None, address: str, worker
     started = start_ray(ray, address, workers)
     done: list[TaskDone] = []
     try:
-        remote = ray.remote(num_cpus=1)(run_model_task)
+        resources = task_resources(ray.cluster_resources(), study.config.device, cpus_per_task, gpus_per_task)
+        log(f"each task asks for {resources['num_cpus']} CPU(s) and {resources['num_gpus']:g} GPU(s)")
+        remote = ray.remote(**resources)(run_model_task)
         waiting, running = list(tasks), {}
         while waiting or running:
             while waiting and len(running) < workers:
                 task = waiting.pop(0)
-                running[remote.remote(study.config, study.layout.root, task)] = task
+                running[remote.remote(study.config, study.layout.root, task, cpus_per_task)] = task
                 log(f"{task.label}: started on Ray ({len(running)} running, {len(waiting)} waiting)")
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
