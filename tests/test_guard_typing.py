@@ -75,3 +75,23 @@ def test_typing_settings_are_checked():
         GuardConfig(typing="learned", typing_settings={"budget": 3})
     with pytest.raises(ConfigError, match="pgd_eps"):
         GuardConfig(typing="learned", typing_settings={"pgd_eps": [2.0]})
+
+
+
+def test_fit_typing_on_an_evidence_guard_makes_it_learned_and_saved_as_such(poisoned_digits, learned, tmp_path):
+    from malex.guard.io import _digest
+
+    path = learned.save(tmp_path / "g.safetensors")
+    with safe_open(str(path), framework="pt") as f:  # the same fitted guard, configured with the evidence rule
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith("typing/")}
+    header = json.loads(meta["malex"])
+    header["config"].update(typing="evidence", typing_settings={"n_inputs": 40, "pgd_eps": [0.3], "trigger_steps": 20})
+    save_file(tensors, str(tmp_path / "e.safetensors"), metadata={"malex": json.dumps(header),
+                                                                  "digest": _digest(header, tensors)})
+    guard = Guard.load(tmp_path / "e.safetensors", poisoned_digits["model"])
+    assert guard.config.typing == "evidence" and guard.kind_model_ is None
+    guard.fit_typing(poisoned_digits["data"].val.x[:200])
+    assert guard.config.typing == "learned" and guard.kind_model_ is not None
+    loaded = Guard.load(guard.save(tmp_path / "l.safetensors"), poisoned_digits["model"])
+    x = torch.cat([poisoned_digits["backdoor"][:30], poisoned_digits["pgd_stop"][:30]])
+    assert loaded.kind_model_ is not None and loaded.screen(x).verdict == guard.screen(x).verdict

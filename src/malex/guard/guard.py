@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -262,8 +262,10 @@ class Guard:
         """Fit the learned typing on the examples the guard makes from `clean_x` (`malex.guard.stand_ins`) and
         flags. With fewer than MIN_FLAGGED flagged examples of either kind (a model in which no universal trigger
         works as a planted one does gives no backdoor-like examples) the guard keeps the evidence rule
-        (`kind_model_` None) and says so in `describe()`."""
+        (`kind_model_` None) and says so in `describe()`. A guard configured with the evidence rule becomes a
+        learned-typing guard (its config says so, and a saved file keeps the typing)."""
         start = time.perf_counter()
+        self.config = replace(self.config, typing=LEARNED)
         config = self.config.stand_in_config()
         gen = torch.Generator().manual_seed(self.config.seed)
         x = clean_x[torch.randperm(len(clean_x), generator=gen)[:config.n_inputs]]
