@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, help="a finished (or partly finished) study folder")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/guard_typing_study.md"))
+    parser.add_argument("--model", action="append", default=None,
+                        help="only this model key's cells (repeatable; e.g. clean, badnets); default every model")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     done, _ = study.results()
     by_model: dict[tuple[str, int, str], list[dict]] = defaultdict(list)
     for cell in done:
-        if cell["rows"]:
+        if cell["rows"] and (args.model is None or cell["model"] in args.model):
             by_model[(cell["dataset"], cell["seed"], cell["model"])].append(cell)
     results: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     costs, learned = [], []
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 acc, typed = mixed(guard, clean_verdict, mal, kind)
                 results[(dataset, attack, kind)][f"{when}_acc"].append(acc)
                 results[(dataset, attack, kind)][f"{when}_typed"].append(typed)
+                print(f"{dataset} seed {seed} {key} model, {attack}: {when} three-way {acc:.3f}, typed right "
+                      f"{typed:.3f}" + (f" (typing fit {costs[-1]:.0f} s, learned {learned[-1]})" if when == "after"
+                                        else ""), file=sys.stderr, flush=True)
     fmt = lambda v: aggregate.fmt(*aggregate.mean_std(v))  # noqa: E731
     header = ["dataset", "attack", "seeds", "three-way acc. (evidence)", "three-way acc. (learned)",
               "typed right (evidence)", "typed right (learned)"]
