@@ -5,7 +5,9 @@ For every model of every finished cell in a study folder, the study's fitted gua
 loaded and screens, per cell, the mixed stream of the model's clean test inputs and the cell's malicious inputs
 (both from the cache): 'before' is the evidence rule. Then the same guard fits a learned typing on its own fit
 inputs (`Guard.fit_typing`: PGD it crafts at eps 0.05 / 0.1 / 0.3 x 10 steps and universal triggers it
-optimises; never the study's attack settings) and screens the same streams: 'after'. Detection is identical;
+optimises; never the study's attack settings) and screens the same streams: 'after' (a guard that found no
+universal trigger keeps the evidence rule), and 'after, no trigger: adversarial' (such a guard calls every
+flagged input adversarial: `StandInConfig.no_trigger`). Detection is identical;
 only the typing differs. Reports per cell the three-way accuracy and the malicious inputs typed right, mean ±
 std over seeds, and the typing's fit time.
 
@@ -15,6 +17,7 @@ std over seeds, and the typing's fit time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -64,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         guard = Guard.load(study.layout.guard(dataset, seed, key), model)
         clean = run.clean_test(key)
         sets = {c["attack"]: (run.attack(ds.attack(c["attack"]))[0], c["kind"]) for c in cells}
-        for when in ("before", "after"):
+        for when in ("before", "after", "after, no trigger: adversarial"):
+            if when.startswith("after, "):  # the same fitted typing; a guard without a trigger calls flagged adversarial
+                guard.config = dataclasses.replace(guard.config, typing_settings={
+                    **guard.config.typing_settings, "no_trigger": "adversarial"})
             if when == "after":
                 pools = run.pools
                 x = torch.cat([pools.fit.x, pools.calibration.x])
@@ -81,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
                 results[(dataset, attack, kind)][f"{when}_acc"].append(acc)
                 results[(dataset, attack, kind)][f"{when}_typed"].append(typed)
                 print(f"{dataset} seed {seed} {key} model, {attack}: {when} three-way {acc:.3f}, typed right "
-                      f"{typed:.3f}" + (f" (typing fit {costs[-1]:.0f} s, learned {learned[-1]})" if when == "after"
+                      f"{typed:.3f}" + (f" (typing fit {costs[-1]:.0f} s, learned {learned[-1]})" if when != "before"
                                         else ""), file=sys.stderr, flush=True)
     fmt = lambda v: aggregate.fmt(*aggregate.mean_std(v))  # noqa: E731
-    header = ["dataset", "attack", "seeds", "three-way acc. (evidence)", "three-way acc. (learned)",
-              "typed right (evidence)", "typed right (learned)"]
-    body = [[d, f"{a} ({k})", str(len(r["before_acc"])), fmt(r["before_acc"]), fmt(r["after_acc"]),
-             fmt(r["before_typed"]), fmt(r["after_typed"])] for (d, a, k), r in results.items()]
+    whens = ("before", "after", "after, no trigger: adversarial")
+    titles = ("evidence", "learned", "learned, no trigger: adversarial")
+    header = (["dataset", "attack", "seeds"] + [f"three-way acc. ({t})" for t in titles]
+              + [f"typed right ({t})" for t in titles])
+    body = [[d, f"{a} ({k})", str(len(r["before_acc"]))] + [fmt(r[f"{w}_acc"]) for w in whens]
+            + [fmt(r[f"{w}_typed"]) for w in whens] for (d, a, k), r in results.items()]
     text = "\n\n".join([
         "# The guard's typing on a study's cells: evidence rule vs learned typing",
         f"`python {shlex.join(['benchmarks/guard_typing_study.py'] + argv)}` on {len(done)} finished cells of "

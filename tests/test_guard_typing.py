@@ -95,3 +95,28 @@ def test_fit_typing_on_an_evidence_guard_makes_it_learned_and_saved_as_such(pois
     loaded = Guard.load(guard.save(tmp_path / "l.safetensors"), poisoned_digits["model"])
     x = torch.cat([poisoned_digits["backdoor"][:30], poisoned_digits["pgd_stop"][:30]])
     assert loaded.kind_model_ is not None and loaded.screen(x).verdict == guard.screen(x).verdict
+
+
+def test_a_guard_that_found_no_trigger_types_by_its_no_trigger_setting(poisoned_digits, learned, tmp_path):
+    """Saved without a learned model (no universal trigger worked): 'evidence' keeps the evidence rule,
+    'adversarial' calls every flagged input adversarial; both load as saved."""
+    from malex.guard.io import _digest
+
+    path = learned.save(tmp_path / "g.safetensors")
+    x = torch.cat([poisoned_digits["backdoor"][:30], poisoned_digits["pgd_stop"][:30]])
+    verdicts = {}
+    for rule in ("evidence", "adversarial"):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("typing/")}
+        tensors["typing/evidence_rule"] = torch.ones(1, dtype=torch.float64)
+        header = json.loads(meta["malex"])
+        header["config"]["typing_settings"] = {**header["config"]["typing_settings"], "no_trigger": rule}
+        out = tmp_path / f"{rule}.safetensors"
+        save_file(tensors, str(out), metadata={"malex": json.dumps(header), "digest": _digest(header, tensors)})
+        guard = Guard.load(out, poisoned_digits["model"])
+        assert guard.kind_model_ is None
+        verdicts[rule] = np.array(guard.screen(x).verdict)
+    flagged = verdicts["evidence"] != "benign"
+    assert set(verdicts["adversarial"][flagged]) == {ADVERSARIAL}
+    assert BACKDOOR in set(verdicts["evidence"][flagged])  # the evidence rule still calls trigger inputs backdoor

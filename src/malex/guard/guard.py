@@ -32,7 +32,7 @@ from torch import nn
 from malex.data.dataset import split_keeping_groups
 from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
-from malex.detectors.base import ADVERSARIAL, BACKDOOR  # noqa: F401 (re-exported by malex.guard)
+from malex.detectors.base import ADVERSARIAL, BACKDOOR  # noqa: F401 (BACKDOOR: re-exported by malex.guard)
 from malex.detectors.fitting import fit_detectors, joint_probe, score_detectors
 from malex.calibration import DEFAULT_FPR, Threshold, calibrate, check_fpr
 from malex.errors import ConfigError, ModelFileError, NotFittedError
@@ -300,6 +300,8 @@ class Guard:
         evidence has a kind)."""
         if self.kind_model_ is not None:
             return self.kind_model_.kinds(pvalues)
+        if self.config.typing == LEARNED and self.config.stand_in_config().no_trigger == ADVERSARIAL:
+            return np.full(len(next(iter(pvalues.values()))), ADVERSARIAL)  # no sign of a backdoor in the model
         return evidence_kinds(pvalues, {name: det.evidence for name, det in self.detectors.items()})
 
     def screen_observation(self, obs: Observation) -> Screening:
