@@ -7,7 +7,8 @@ loaded and screens, per cell, the mixed stream of the model's clean test inputs 
 inputs (`Guard.fit_typing`: PGD it crafts at eps 0.05 / 0.1 / 0.3 x 10 steps and universal triggers it
 optimises; never the study's attack settings) and screens the same streams: 'after' (a guard that found no
 universal trigger keeps the evidence rule), and 'after, no trigger: adversarial' (such a guard calls every
-flagged input adversarial: `StandInConfig.no_trigger`). Detection is identical;
+flagged input adversarial: `StandInConfig.no_trigger`), and 'search only' (the trigger search decides whether the
+model shows a sign of a backdoor: none, flagged inputs are adversarial; one, the evidence rule types them). Detection is identical;
 only the typing differs. Reports per cell the three-way accuracy and the malicious inputs typed right, mean ±
 std over seeds, and the typing's fit time.
 
@@ -33,6 +34,12 @@ from malex.guard import BENIGN, Guard
 from malex.guard.guard import fit_calibration_split
 from malex.progress import track
 from malex.report import aggregate
+
+
+#: what is measured: the evidence rule, the learned typing, and two ways of deciding from the same fit
+WHENS = ("before", "after", "after, no trigger: adversarial", "search only")
+VARIANTS = {"after, no trigger: adversarial": {"no_trigger": "adversarial"},
+            "search only": {"no_trigger": "adversarial", "with_trigger": "evidence"}}
 
 
 def mixed(guard: Guard, clean_verdict: list[str], x: torch.Tensor, kind: str) -> tuple[float, float]:
@@ -67,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         guard = Guard.load(study.layout.guard(dataset, seed, key), model)
         clean = run.clean_test(key)
         sets = {c["attack"]: (run.attack(ds.attack(c["attack"]))[0], c["kind"]) for c in cells}
-        for when in ("before", "after", "after, no trigger: adversarial"):
-            if when.startswith("after, "):  # the same fitted typing; a guard without a trigger calls flagged adversarial
+        for when in WHENS:
+            if when in VARIANTS:  # the same fitted typing, decided otherwise
                 guard.config = dataclasses.replace(guard.config, typing_settings={
-                    **guard.config.typing_settings, "no_trigger": "adversarial"})
+                    **guard.config.typing_settings, **VARIANTS[when]})
             if when == "after":
                 pools = run.pools
                 x = torch.cat([pools.fit.x, pools.calibration.x])
@@ -90,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{typed:.3f}" + (f" (typing fit {costs[-1]:.0f} s, learned {learned[-1]})" if when != "before"
                                         else ""), file=sys.stderr, flush=True)
     fmt = lambda v: aggregate.fmt(*aggregate.mean_std(v))  # noqa: E731
-    whens = ("before", "after", "after, no trigger: adversarial")
-    titles = ("evidence", "learned", "learned, no trigger: adversarial")
+    whens, titles = WHENS, ("evidence", "learned", "learned, no trigger: adversarial",
+                            "trigger search only (no trigger: adversarial, else evidence)")
     header = (["dataset", "attack", "seeds"] + [f"three-way acc. ({t})" for t in titles]
               + [f"typed right ({t})" for t in titles])
     body = [[d, f"{a} ({k})", str(len(r["before_acc"]))] + [fmt(r[f"{w}_acc"]) for w in whens]
