@@ -120,3 +120,28 @@ def test_a_guard_that_found_no_trigger_types_by_its_no_trigger_setting(poisoned_
     flagged = verdicts["evidence"] != "benign"
     assert set(verdicts["adversarial"][flagged]) == {ADVERSARIAL}
     assert BACKDOOR in set(verdicts["evidence"][flagged])  # the evidence rule still calls trigger inputs backdoor
+
+
+def test_with_trigger_evidence_lets_the_search_decide_only_whether_the_model_is_backdoored(poisoned_digits, learned,
+                                                                                            tmp_path):
+    """The planted trigger was found, so 'search only' (with_trigger: evidence) types as the evidence rule does."""
+    from malex.guard.io import _digest
+
+    assert learned.trigger_found_
+    path = learned.save(tmp_path / "g.safetensors")
+    x = torch.cat([poisoned_digits["backdoor"][:30], poisoned_digits["pgd_stop"][:30]])
+    got = {}
+    for name, edit in (("search", {"typing_settings": {**SMALL, "with_trigger": "evidence", "no_trigger": "adversarial"}}),
+                       ("evidence", {"typing": "evidence"})):
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(meta["malex"])
+        header["config"].update(edit)
+        if name == "evidence":
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("typing/")}
+        out = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(out), metadata={"malex": json.dumps(header), "digest": _digest(header, tensors)})
+        loaded = Guard.load(out, poisoned_digits["model"])
+        got[name] = loaded.screen(x).verdict
+    assert got["search"] == got["evidence"]
+    assert Guard.load(path, poisoned_digits["model"]).trigger_found_
