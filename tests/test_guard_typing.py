@@ -75,3 +75,73 @@ def test_typing_settings_are_checked():
         GuardConfig(typing="learned", typing_settings={"budget": 3})
     with pytest.raises(ConfigError, match="pgd_eps"):
         GuardConfig(typing="learned", typing_settings={"pgd_eps": [2.0]})
+
+
+
+def test_fit_typing_on_an_evidence_guard_makes_it_learned_and_saved_as_such(poisoned_digits, learned, tmp_path):
+    from malex.guard.io import _digest
+
+    path = learned.save(tmp_path / "g.safetensors")
+    with safe_open(str(path), framework="pt") as f:  # the same fitted guard, configured with the evidence rule
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith("typing/")}
+    header = json.loads(meta["malex"])
+    header["config"].update(typing="evidence", typing_settings={"n_inputs": 40, "pgd_eps": [0.3], "trigger_steps": 20})
+    save_file(tensors, str(tmp_path / "e.safetensors"), metadata={"malex": json.dumps(header),
+                                                                  "digest": _digest(header, tensors)})
+    guard = Guard.load(tmp_path / "e.safetensors", poisoned_digits["model"])
+    assert guard.config.typing == "evidence" and guard.kind_model_ is None
+    guard.fit_typing(poisoned_digits["data"].val.x[:200])
+    assert guard.config.typing == "learned" and guard.kind_model_ is not None
+    loaded = Guard.load(guard.save(tmp_path / "l.safetensors"), poisoned_digits["model"])
+    x = torch.cat([poisoned_digits["backdoor"][:30], poisoned_digits["pgd_stop"][:30]])
+    assert loaded.kind_model_ is not None and loaded.screen(x).verdict == guard.screen(x).verdict
+
+
+def test_a_guard_that_found_no_trigger_types_by_its_no_trigger_setting(poisoned_digits, learned, tmp_path):
+    """Saved without a learned model (no universal trigger worked): 'evidence' keeps the evidence rule,
+    'adversarial' calls every flagged input adversarial; both load as saved."""
+    from malex.guard.io import _digest
+
+    path = learned.save(tmp_path / "g.safetensors")
+    x = torch.cat([poisoned_digits["backdoor"][:30], poisoned_digits["pgd_stop"][:30]])
+    verdicts = {}
+    for rule in ("evidence", "adversarial"):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("typing/")}
+        tensors["typing/evidence_rule"] = torch.ones(1, dtype=torch.float64)
+        header = json.loads(meta["malex"])
+        header["config"]["typing_settings"] = {**header["config"]["typing_settings"], "no_trigger": rule}
+        out = tmp_path / f"{rule}.safetensors"
+        save_file(tensors, str(out), metadata={"malex": json.dumps(header), "digest": _digest(header, tensors)})
+        guard = Guard.load(out, poisoned_digits["model"])
+        assert guard.kind_model_ is None
+        verdicts[rule] = np.array(guard.screen(x).verdict)
+    flagged = verdicts["evidence"] != "benign"
+    assert set(verdicts["adversarial"][flagged]) == {ADVERSARIAL}
+    assert BACKDOOR in set(verdicts["evidence"][flagged])  # the evidence rule still calls trigger inputs backdoor
+
+
+def test_with_trigger_evidence_lets_the_search_decide_only_whether_the_model_is_backdoored(poisoned_digits, learned,
+                                                                                            tmp_path):
+    """The planted trigger was found, so 'search only' (with_trigger: evidence) types as the evidence rule does."""
+    from malex.guard.io import _digest
+
+    assert learned.trigger_found_
+    path = learned.save(tmp_path / "g.safetensors")
+    x = torch.cat([poisoned_digits["backdoor"][:30], poisoned_digits["pgd_stop"][:30]])
+    got = {}
+    for name, edit in (("search", {"typing_settings": {**SMALL, "with_trigger": "evidence", "no_trigger": "adversarial"}}),
+                       ("evidence", {"typing": "evidence"})):
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(meta["malex"])
+        header["config"].update(edit)
+        if name == "evidence":
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("typing/")}
+        out = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(out), metadata={"malex": json.dumps(header), "digest": _digest(header, tensors)})
+        loaded = Guard.load(out, poisoned_digits["model"])
+        got[name] = loaded.screen(x).verdict
+    assert got["search"] == got["evidence"]
+    assert Guard.load(path, poisoned_digits["model"]).trigger_found_

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +32,7 @@ from torch import nn
 from malex.data.dataset import split_keeping_groups
 from malex.data.validate import to_labels, to_nchw_float
 from malex.detectors import Detector, make_detector
-from malex.detectors.base import ADVERSARIAL, BACKDOOR  # noqa: F401 (re-exported by malex.guard)
+from malex.detectors.base import ADVERSARIAL, BACKDOOR  # noqa: F401 (BACKDOOR: re-exported by malex.guard)
 from malex.detectors.fitting import fit_detectors, joint_probe, score_detectors
 from malex.calibration import DEFAULT_FPR, Threshold, calibrate, check_fpr
 from malex.errors import ConfigError, ModelFileError, NotFittedError
@@ -202,6 +202,8 @@ class Guard:
         self.threshold_: Threshold | None = None
         #: the learned typing (None: the evidence rule), and the seconds its fit took
         self.kind_model_: KindModel | None = None
+        #: whether the learned typing's search found a universal trigger that works like a planted one
+        self.trigger_found_: bool = False
         self.typing_seconds_: float = 0.0
         #: where the model came from (`malex.models.sources.LoadedModel.description`), saved with the guard
         self.source: dict | None = None
@@ -262,8 +264,10 @@ class Guard:
         """Fit the learned typing on the examples the guard makes from `clean_x` (`malex.guard.stand_ins`) and
         flags. With fewer than MIN_FLAGGED flagged examples of either kind (a model in which no universal trigger
         works as a planted one does gives no backdoor-like examples) the guard keeps the evidence rule
-        (`kind_model_` None) and says so in `describe()`."""
+        (`kind_model_` None) and says so in `describe()`. A guard configured with the evidence rule becomes a
+        learned-typing guard (its config says so, and a saved file keeps the typing)."""
         start = time.perf_counter()
+        self.config = replace(self.config, typing=LEARNED)
         config = self.config.stand_in_config()
         gen = torch.Generator().manual_seed(self.config.seed)
         x = clean_x[torch.randperm(len(clean_x), generator=gen)[:config.n_inputs]]
@@ -276,6 +280,7 @@ class Guard:
             evidence[kind] = self._evidence(examples) if len(examples) else ({n: np.ones(0) for n in self.detectors},
                                                                              np.zeros(0, bool))
         self.typing_seconds_ = time.perf_counter() - start
+        self.trigger_found_ = len(made["backdoor"]) > 0
         if any(int(flags.sum()) < MIN_FLAGGED for _, flags in evidence.values()):
             # no universal trigger that works like a planted one, or too few flagged examples: the evidence rule
             self.kind_model_ = None
@@ -296,8 +301,12 @@ class Guard:
     def _kind(self, pvalues: dict[str, np.ndarray]) -> np.ndarray:
         """ADVERSARIAL or BACKDOOR per input: the learned typing's, or the evidence rule's (the detectors whose
         evidence has a kind)."""
-        if self.kind_model_ is not None:
-            return self.kind_model_.kinds(pvalues)
+        if self.config.typing == LEARNED:
+            settings = self.config.stand_in_config()
+            if self.kind_model_ is not None and settings.with_trigger == LEARNED:
+                return self.kind_model_.kinds(pvalues)
+            if not self.trigger_found_ and settings.no_trigger == ADVERSARIAL:
+                return np.full(len(next(iter(pvalues.values()))), ADVERSARIAL)  # no sign of a backdoor in the model
         return evidence_kinds(pvalues, {name: det.evidence for name, det in self.detectors.items()})
 
     def screen_observation(self, obs: Observation) -> Screening:
@@ -330,10 +339,17 @@ class Guard:
             fingerprint=model_fingerprint(self.model), config=config, threshold=asdict(self.threshold_),
             detectors={name: det.export() for name, det in self.detectors.items()},
             calibration=self.calibration_scores_, source=self.source,
-            typing=(self.kind_model_.export() if self.kind_model_ is not None else
-                    {"evidence_rule": torch.ones(1, dtype=torch.float64)} if self.config.typing == LEARNED else {}),
+            typing=self._typing_tensors(),
         )
         return write_guard_file(path, contents, overwrite=overwrite, key=key)
+
+    def _typing_tensors(self) -> dict[str, torch.Tensor]:
+        """What a learned typing saves: its model's arrays (or a mark that it has none) and the search's outcome."""
+        if self.config.typing != LEARNED:
+            return {}
+        tensors = (self.kind_model_.export() if self.kind_model_ is not None else
+                   {"evidence_rule": torch.ones(1, dtype=torch.float64)})
+        return {**tensors, "trigger_found": torch.tensor([float(self.trigger_found_)], dtype=torch.float64)}
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, key: bytes | None = None) -> "Guard":
@@ -351,6 +367,8 @@ class Guard:
             guard.threshold_ = _threshold(saved.threshold)
             if config.typing == LEARNED and "evidence_rule" not in saved.typing:
                 guard.kind_model_ = KindModel.restore(tuple(guard.detectors), saved.typing)
+            found = saved.typing.get("trigger_found")
+            guard.trigger_found_ = bool(found[0] > 0) if found is not None else guard.kind_model_ is not None
             guard.source = saved.source
         except (KeyError, TypeError, ConfigError, ModelFileError, NotFittedError) as exc:
             raise malformed(path, exc) from exc

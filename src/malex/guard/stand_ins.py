@@ -34,7 +34,12 @@ class StandInConfig:
     for each budget), and the universal triggers: up to `n_targets` target classes (every class of a model with
     no more; else a seeded random choice), optimised on `trigger_inputs` of the inputs, a patch of `patch_fraction` of
     the image side in each corner and a full-image blend at `blend_alpha`, each optimised for `trigger_steps`
-    Adam steps and kept when it sends at least `min_success` of the other classes' inputs to its target."""
+    Adam steps and kept when it sends at least `min_success` of the other classes' inputs to its target.
+    `no_trigger`: how a guard that found no such trigger types flagged inputs: by the evidence rule
+    ("evidence"), or all as adversarial ("adversarial": no universal trigger works, so by Neural Cleanse's
+    reasoning the model shows no sign of a backdoor). `with_trigger`: how a guard that found one types them: by the
+    logistic regression fitted on the self-made examples ("learned") or by the evidence rule ("evidence"; the
+    trigger search then only tells whether the model shows a sign of a backdoor)."""
 
     n_inputs: int = 300
     pgd_eps: tuple[float, ...] = (0.05, 0.1, 0.3)
@@ -46,6 +51,8 @@ class StandInConfig:
     trigger_steps: int = 40
     lr: float = 0.1
     min_success: float = 0.8
+    no_trigger: str = "evidence"
+    with_trigger: str = "learned"
 
     def __post_init__(self) -> None:
         if isinstance(self.n_inputs, bool) or not isinstance(self.n_inputs, int) or self.n_inputs < 10:
@@ -54,6 +61,10 @@ class StandInConfig:
             raise ConfigError(f"stand-in pgd_eps are {self.pgd_eps!r}; expected budgets in (0, 1]")
         if not 0 < self.patch_fraction < 1 or not 0 < self.blend_alpha < 1 or not 0 <= self.min_success <= 1:
             raise ConfigError("stand-in patch_fraction and blend_alpha must lie in (0, 1), min_success in [0, 1]")
+        if self.no_trigger not in ("evidence", "adversarial"):
+            raise ConfigError(f"stand-in no_trigger is {self.no_trigger!r}; expected 'evidence' or 'adversarial'")
+        if self.with_trigger not in ("learned", "evidence"):
+            raise ConfigError(f"stand-in with_trigger is {self.with_trigger!r}; expected 'learned' or 'evidence'")
 
 
 def adversarial_stand_ins(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, config: StandInConfig,
