@@ -71,6 +71,12 @@ def _prepare(folder, model_file, digits) -> dict[str, list]:
         "train_existing": [["train", folder / "taken.safetensors", "--epochs", 1]],
         # the happy path: train, then predict with the trained model
         "happy": [["train", trained, "--epochs", 2], ["predict", trained, folder / "inputs.npy"]],
+        # the guard's decision chosen on the command line, recorded in its file
+        "fit_cauchy": [["fit", model_file, "--detectors", "msp,mahalanobis", "--combination", "cauchy",
+                        "--out", folder / "cauchy.safetensors"]],
+        "fit_bad_rule": [["fit", model_file, "--combination", "mean", "--out", folder / "mean.safetensors"]],
+        "fit_bad_typing": [["fit", model_file, "--typing", "learned", "--typing-settings", "{no",
+                            "--out", folder / "typed.safetensors"]],
     }
 
 
@@ -347,3 +353,16 @@ def test_demo_with_force_goes_ahead_in_a_used_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["malex", "demo", "--out", str(tmp_path), "--force"])
     with pytest.raises(AssertionError, match="work started"):
         malex.cli.main()
+
+
+def test_fit_takes_the_combination_rule_and_refuses_bad_ones(cli, model_file):
+    from malex.guard import Guard
+    from malex.models import load_model
+
+    folder, runs = cli
+    assert runs["fit_cauchy"][0].returncode == 0, runs["fit_cauchy"][0].stderr
+    guard = Guard.load(folder / "cauchy.safetensors", load_model(model_file)[0])
+    assert guard.config.combination == "cauchy"
+    assert_one_error_line(runs["fit_bad_rule"][0], "'mean'")
+    assert_one_error_line(runs["fit_bad_typing"][0], "--typing-settings is not valid JSON")
+    assert not (folder / "mean.safetensors").exists() and not (folder / "typed.safetensors").exists()

@@ -425,3 +425,36 @@ def test_ray_task_resources_the_cluster_cannot_give_are_refused(cluster, device,
     with pytest.raises(ConfigError) as info:
         task_resources(cluster, device, cpus, gpus)
     assert needle in str(info.value)
+
+
+def test_the_guards_decision_is_a_config_choice_and_part_of_the_guards_record():
+    from malex.evaluate.study.guards import guard_config
+    from malex.evaluate.study.specs import Specs
+
+    raw = shrunk_raw()
+    default = parse_config(raw).dataset("digits")
+    raw["study"].update(guard_combination="cauchy")
+    raw["datasets"]["digits"].update(guard_typing="learned", guard_typing_settings={"no_trigger": "adversarial"})
+    chosen = parse_config(raw).dataset("digits")
+    assert default.guard_decision.describe() == {}  # the shipped guard: its records (and cached guards) unchanged
+    assert chosen.guard_decision.describe() == {"combination": "cauchy", "typing": "learned",
+                                               "typing_settings": {"no_trigger": "adversarial"}}
+    config = parse_config(raw)
+    specs = Specs(config, chosen, 0, False)
+    assert specs.guard("m")["combination"] == "cauchy" and "combination" not in Specs(
+        parse_config(shrunk_raw()), default, 0, False).guard("m")
+    made = guard_config(specs)
+    assert (made.combination, made.typing, made.typing_settings) == ("cauchy", "learned", {"no_trigger": "adversarial"})
+
+
+@pytest.mark.parametrize(("edit", "key"), [
+    (lambda r: r["study"].update(guard_combination="mean"), "study.guard_*"),
+    (lambda r: r["datasets"]["digits"].update(guard_typing="psychic"), "datasets.digits.guard_*"),
+    (lambda r: r["datasets"]["digits"].update(guard_typing_settings={"nope": 1}), "datasets.digits.guard_*"),
+])
+def test_a_bad_guard_decision_names_its_table(edit, key):
+    raw = shrunk_raw()
+    edit(raw)
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert key in str(info.value)

@@ -263,10 +263,18 @@ def fit(
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, input_shape: Optional[str] = INPUT_SHAPE,
     mean: Optional[str] = MEAN, std: Optional[str] = STD, value_range: Optional[str] = VALUE_RANGE,
     layers: Optional[str] = LAYERS, resize: bool = RESIZE,
+    combination: str = typer.Option("fisher", "--combination", help="How the detectors' p-values combine: fisher, "
+                                    "cauchy, hmp (harmonic mean) or min_p; thresholded at --fpr either way."),
+    typing: str = typer.Option("evidence", "--typing", help="How a flagged input is typed: evidence (which kind of "
+                               "detector gives the stronger evidence) or learned (from examples the guard makes)."),
+    typing_settings: Optional[str] = typer.Option(
+        None, "--typing-settings", help="Settings of the learned typing, as a JSON object, e.g. "
+        "'{\"no_trigger\": \"adversarial\", \"with_trigger\": \"evidence\"}'."),
 ) -> None:
     """Fit a guard for MODEL on clean inputs and write it to a guard file (with the model's source: kind,
     factory, input shape, preprocessing)."""
     from malex.detectors import layer_settings
+    from malex.errors import ConfigError
     from malex.guard import Guard, GuardConfig
     from malex.guard.guard import detectors_from
 
@@ -278,7 +286,12 @@ def fit(
         loaded = loaded.with_input_shape(tuple(x.shape[1:]))
     names = detectors_from(detectors) if detectors else GuardConfig().detectors
     settings = layer_settings(names, _names(layers)) if layers is not None else {}
-    guard = Guard(loaded.module, GuardConfig(detectors=tuple(names), settings=settings, fpr=fpr, seed=seed))
+    try:
+        typed = json.loads(typing_settings) if typing_settings is not None else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--typing-settings is not valid JSON ({exc}); expected an object") from exc
+    guard = Guard(loaded.module, GuardConfig(detectors=tuple(names), settings=settings, fpr=fpr, seed=seed,
+                                             combination=combination, typing=typing, typing_settings=typed))
     guard.source = _source(loaded)
     guard.fit(x, y, groups)
     guard.save(output, overwrite=force, key=key)

@@ -3,7 +3,8 @@
 Layout of the file (every table but `[datasets.*]` is optional; see configs/digits.toml):
 
     [study]                 seeds, fpr, n_clean, n_malicious, n_fit, n_calibration, detectors, guard (default:
-                            the guard's own default detectors), device, batch_size, data_dir
+                            the guard's own default detectors), guard_combination, guard_typing,
+                            guard_typing_settings (default: as shipped), device, batch_size, data_dir
     [detectors.NAME]        settings of a detector of the registry (passed to make_detector)
     [backdoors.NAME]        trigger = registry name (default NAME); poison_rate (default: the dataset's);
                             the other keys are the trigger's settings
@@ -14,7 +15,8 @@ Layout of the file (every table but `[datasets.*]` is optional; see configs/digi
                             module:callable with arch_kwargs and the value_range, mean and std its network
                             expects), poison_rate, target,
                             attacks (default: every backdoor and adversarial attack), and per-dataset
-                            overrides of n_clean, n_malicious, n_fit, n_calibration, detectors, guard
+                            overrides of n_clean, n_malicious, n_fit, n_calibration, detectors, guard and the
+                            guard_* decision keys
     [datasets.NAME.train]              TrainConfig fields (the seed is the study's seed)
     [datasets.NAME.attack_settings.A]  per-dataset overrides of attack A's settings
     [datasets.NAME.detector_settings.D] per-dataset overrides of detector D's settings
@@ -74,6 +76,20 @@ class AttackSpec:
 
 
 @dataclass(frozen=True)
+class GuardDecision:
+    """How the study's guard combines and types: `GuardConfig.combination`, `.typing` and `.typing_settings`."""
+
+    combination: str = "fisher"
+    typing: str = "evidence"
+    typing_settings: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that differ from the shipped guard's (nothing for the default, as records always held)."""
+        default = GuardDecision()
+        return {k: v for k, v in dataclasses.asdict(self).items() if v != getattr(default, k)}
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """Everything the grid does on one dataset."""
 
@@ -91,6 +107,8 @@ class DatasetSpec:
     n_malicious: int
     n_fit: int
     n_calibration: int
+    #: how the guard decides (GuardConfig's combination, typing and typing_settings; defaults: as shipped)
+    guard_decision: GuardDecision = field(default_factory=lambda: GuardDecision())
 
     @property
     def arch(self) -> str:
@@ -207,10 +225,11 @@ def _with_overrides(spec: AttackSpec, overrides: dict[str, Any], where: str) -> 
     return _adversarial(spec.name, {"attack": spec.method, "targeted": spec.targeted, **table}, where)
 
 
+_DECISION_KEYS = {"guard_combination", "guard_typing", "guard_typing_settings"}
 _STUDY_KEYS = {"seeds", "fpr", "n_clean", "n_malicious", "n_fit", "n_calibration", "detectors", "guard", "device",
-               "batch_size", "data_dir"}
+               "batch_size", "data_dir"} | _DECISION_KEYS
 _DATASET_KEYS = {"data", "arch", "arch_kwargs", "value_range", "mean", "std", "poison_rate", "target", "attacks", "detectors", "guard", "n_clean", "n_malicious",
-                 "n_fit", "n_calibration", "train", "attack_settings", "detector_settings"}
+                 "n_fit", "n_calibration", "train", "attack_settings", "detector_settings"} | _DECISION_KEYS
 _ANALYSIS_KEYS = {f.name for f in dataclasses.fields(AnalysisConfig)}
 _TOP_KEYS = {"study", "detectors", "backdoors", "adversarial", "analysis", "datasets"}
 _DEFAULT_DETECTORS = ("msp", "mahalanobis_penultimate", "mutation_adv", "mutation_bd", "mahalanobis")
@@ -283,6 +302,23 @@ def _check_detectors(network: Trainable, names: list[str], settings: dict[str, d
             raise ConfigError(f"{origin}: {exc}") from exc
 
 
+def _decision(table: dict[str, Any], where: str, default: GuardDecision) -> GuardDecision:
+    """guard_combination, guard_typing and guard_typing_settings of a [study] or [datasets.NAME] table,
+    checked by building the GuardConfig they make."""
+    from malex.guard import GuardConfig
+
+    settings = table.get("guard_typing_settings", default.typing_settings)
+    decision = GuardDecision(read_str(table, "guard_combination", where, default.combination),
+                             read_str(table, "guard_typing", where, default.typing),
+                             as_settings(read_table(settings, f"{where}.guard_typing_settings")))
+    try:
+        GuardConfig(combination=decision.combination, typing=decision.typing,
+                    typing_settings=decision.typing_settings).stand_in_config()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.guard_*: {exc}") from exc
+    return decision
+
+
 def _network(table: dict[str, Any], where: str) -> Trainable:
     """The dataset's architecture: a registered name, or module:callable with arch_kwargs and the
     preprocessing (value_range, mean, std) its network expects; the factory is imported now, so that a
@@ -323,6 +359,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> 
               (("n_clean", 1000, 10), ("n_malicious", 1000, 1), ("n_fit", 2000, 10), ("n_calibration", 1000, 10))}
     detectors = read_names(study, "detectors", "study", _DEFAULT_DETECTORS, DETECTORS, "detector")
     guard = read_names(study, "guard", "study", _default_guard(), DETECTORS, "detector")
+    decision = _decision(study, "study", GuardDecision())
     device = read_str(study, "device", "study", "cpu")
     batch_size = read_int(study, "batch_size", "study", 256, minimum=1)
     data_dir = read_str(study, "data_dir", "study", None)
@@ -393,6 +430,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> 
             detectors=ds_detectors,
             detector_settings={k: v for k, v in ds_settings.items() if k in used},
             guard=ds_guard,
+            guard_decision=_decision(table, where, decision),
             **{k: read_int(table, k, where, v, minimum=1 if k == "n_malicious" else 10) for k, v in counts.items()},
         ))
     return StudyConfig(

@@ -39,11 +39,14 @@ class GuardFit:
 
 
 def guard_config(specs: Specs) -> GuardConfig:
-    """The dataset's guard detectors with their settings, seeded by the study's seed, at the study's FPR."""
+    """The dataset's guard detectors with their settings, seeded by the study's seed, at the study's FPR, deciding
+    as the config says (combination rule, typing)."""
     ds, seed = specs.ds, specs.seed
     settings = {d: seeded_settings(d, ds.detector_settings.get(d, {}), seed) for d in ds.guard}
+    decision = ds.guard_decision
     return GuardConfig(detectors=tuple(ds.guard), settings={d: v for d, v in settings.items() if v},
-                       fpr=specs.config.fpr, seed=seed, progress=False)
+                       fpr=specs.config.fpr, seed=seed, progress=False, combination=decision.combination,
+                       typing=decision.typing, typing_settings=dict(decision.typing_settings))
 
 
 def _screening(screened) -> dict[str, torch.Tensor]:

@@ -52,7 +52,8 @@ class Specs:
     def guard(self, model_id: str) -> dict[str, Any]:
         ds = self.ds
         spec = {"model": model_id, "detectors": list(ds.guard), "fpr": self.config.fpr, "seeded": True,
-                "settings": {d: ds.detector_settings.get(d, {}) for d in ds.guard}, "split": self.data()}
+                "settings": {d: ds.detector_settings.get(d, {}) for d in ds.guard}, "split": self.data(),
+                **ds.guard_decision.describe()}
         if self.grouped:
             spec["groups_kept_whole"] = True  # the guard's own fit / calibration split keeps groups whole
         return spec
