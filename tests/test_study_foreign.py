@@ -111,3 +111,14 @@ def test_the_shipped_own_model_config_parses(monkeypatch):
     ds = load_config(ROOT / "configs" / "own_model_digits.toml").dataset("digits")
     assert ds.network.foreign and ds.network.preprocessing.mean == (0.3,)
     assert ds.model_keys == ("clean", "badnets", "blend")
+
+
+def test_the_search_only_variant_differs_only_in_the_guards_typing(monkeypatch):
+    from malex.evaluate.study import load_config
+
+    monkeypatch.chdir(ROOT)
+    base = load_config(ROOT / "configs" / "own_model_digits.toml").dataset("digits")
+    variant = load_config(ROOT / "configs" / "own_model_digits_search_only.toml").dataset("digits")
+    assert variant.guard_decision.describe() == {
+        "typing": "learned", "typing_settings": {"no_trigger": "adversarial", "with_trigger": "evidence"}}
+    assert variant.network == base.network and variant.attacks == base.attacks and variant.train == base.train
