@@ -19,6 +19,7 @@ smallest normal float.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import numpy as np
@@ -37,14 +38,14 @@ def _stacked(pvalues: dict[str, np.ndarray]) -> np.ndarray:
     return np.clip(np.stack([np.asarray(v, dtype=np.float64) for v in pvalues.values()]), P_FLOOR, 1.0)
 
 
-class Combination:
+class Combination(ABC):
     """A rule that turns (detectors x inputs) p-values into one score per input."""
 
     name: ClassVar[str]
 
+    @abstractmethod
     def statistic(self, p: np.ndarray) -> np.ndarray:
         """The score of each column of `p` (detectors x inputs, floored at P_FLOOR); higher = more suspicious."""
-        raise NotImplementedError
 
     def __call__(self, pvalues: dict[str, np.ndarray]) -> np.ndarray:
         return self.statistic(_stacked(pvalues))

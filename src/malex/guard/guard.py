@@ -254,12 +254,6 @@ class Guard:
             self.fit_typing(x[fit_idx])
         return self
 
-    def _evidence(self, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """(per-detector p-values, flagged) of inputs `x`."""
-        obs = self.probe.run(x, self.config.batch_size)
-        pvalues = self._pvalues({name: det.score(obs) for name, det in self.detectors.items()})
-        return pvalues, self.threshold_.flags(combine_pvalues(pvalues, self.config.combination))
-
     def fit_typing(self, clean_x: torch.Tensor) -> KindModel | None:
         """Fit the learned typing on the examples the guard makes from `clean_x` (`malex.guard.stand_ins`) and
         flags. With fewer than MIN_FLAGGED flagged examples of either kind (a model in which no universal trigger
@@ -277,8 +271,11 @@ class Guard:
         evidence = {}
         for kind, examples in made.items():
             examples = examples[torch.randperm(len(examples), generator=gen)[:4 * config.n_inputs]]
-            evidence[kind] = self._evidence(examples) if len(examples) else ({n: np.ones(0) for n in self.detectors},
-                                                                             np.zeros(0, bool))
+            if len(examples):
+                screened = self.screen_observation(self.probe.run(examples, self.config.batch_size))
+                evidence[kind] = (screened.pvalues, screened.flagged)
+            else:
+                evidence[kind] = ({n: np.ones(0) for n in self.detectors}, np.zeros(0, bool))
         self.typing_seconds_ = time.perf_counter() - start
         self.trigger_found_ = len(made["backdoor"]) > 0
         if any(int(flags.sum()) < MIN_FLAGGED for _, flags in evidence.values()):
