@@ -5,6 +5,7 @@ refused in one ConfigError naming the key when the factory or its settings are w
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,15 @@ def test_the_search_only_variant_differs_only_in_the_guards_typing(monkeypatch):
     assert variant.guard_decision.describe() == {
         "typing": "learned", "typing_settings": {"no_trigger": "adversarial", "with_trigger": "evidence"}}
     assert variant.network == base.network and variant.attacks == base.attacks and variant.train == base.train
+
+
+def test_the_report_is_rebuilt_where_the_factory_cannot_be_imported(foreign_run, tmp_path, monkeypatch):
+    from malex.evaluate.study import open_study
+
+    monkeypatch.chdir(tmp_path)  # examples.own_model is not importable here: not from the folder, the path or
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != ROOT])  # a cache
+    for name in [m for m in sys.modules if m == "examples" or m.startswith("examples.")]:
+        monkeypatch.delitem(sys.modules, name)
+    opened = open_study(foreign_run["out"])
+    assert opened.config.dataset("digits").network.arch == FACTORY
+    assert {p.name for p in opened.write_tables().values()} >= {"results.md", "results.csv"}

@@ -319,10 +319,10 @@ def _decision(table: dict[str, Any], where: str, default: GuardDecision) -> Guar
     return decision
 
 
-def _network(table: dict[str, Any], where: str) -> Trainable:
+def _network(table: dict[str, Any], where: str, import_factory: bool) -> Trainable:
     """The dataset's architecture: a registered name, or module:callable with arch_kwargs and the
-    preprocessing (value_range, mean, std) its network expects; the factory is imported now, so that a
-    missing module or a bad argument fails before any training."""
+    preprocessing (value_range, mean, std) its network expects; with `import_factory`, the factory is imported
+    and called now, so that a missing module or a bad argument fails before any training."""
     from malex.models import ARCHITECTURES
     from malex.models.sources import build_foreign
 
@@ -333,15 +333,18 @@ def _network(table: dict[str, Any], where: str) -> Trainable:
     prep = {k: table[k] for k in ("value_range", "mean", "std") if k in table}
     try:
         network = Trainable(arch, dict(kwargs), Preprocessing(**prep))
-        if network.foreign:
+        if import_factory and network.foreign:
             build_foreign(network.arch, network.arch_kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{where}.arch: {exc}") from exc
     return network
 
 
-def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> StudyConfig:
-    """A `StudyConfig` from the parsed TOML mapping; relative dataset paths resolve against `base_dir`."""
+def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None, import_factories: bool = True
+                 ) -> StudyConfig:
+    """A `StudyConfig` from the parsed TOML mapping; relative dataset paths resolve against `base_dir`.
+    `import_factories` False skips building what a run would need (a module:callable network's factory), for reading a finished
+    study's tables and report from anywhere."""
     from malex.detectors import DETECTORS
     from malex.models import ARCHITECTURES
 
@@ -394,7 +397,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None) -> 
         check_name(name, where)
         table = read_table(table, where)
         check_keys(table, _DATASET_KEYS, where)
-        network = _network(table, where)
+        network = _network(table, where, import_factories)
         data = read_str(table, "data", where, name)
         if base is not None and (data.endswith(".npz") or "/" in data) and not Path(data).is_absolute():
             data = str(base / data)

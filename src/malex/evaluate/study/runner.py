@@ -239,6 +239,7 @@ def run_study(config: StudyConfig | str | Path, out_dir: str | Path, progress: b
 
 
 def open_study(out_dir: str | Path, progress: bool = False, log: Log | None = None) -> Study:
-    """The study recorded in an output folder (the config of its latest run), to rebuild tables or the report."""
+    """The study recorded in an output folder (the config of its latest run), to rebuild tables or the report
+    (a network of one's own need not be importable for that)."""
     raw, base_dir = StudyLayout(out_dir).recorded_config()
-    return Study(parse_config(raw, base_dir=base_dir), out_dir, progress, log)
+    return Study(parse_config(raw, base_dir=base_dir, import_factories=False), out_dir, progress, log)
