@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from malex.atomic import write_safetensors
+from malex.atomic import check_output, write_safetensors
 from malex.errors import ConfigError, ModelFileError
 from malex.models.io import load_model, read_description, save_model
 from malex.models.preprocess import Preprocessed, Preprocessing, with_preprocessing
@@ -82,9 +82,7 @@ class Trainable:
         the bare network's weights with the record in the header."""
         if not self.foreign:
             return save_model(model, path, self.arch, info=record, overwrite=overwrite)
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
+        path = check_output(path, overwrite=overwrite)
         net = model.net if isinstance(model, Preprocessed) else model
         header = {RECORD_KEY: json.dumps({**self.describe(), "input_shape": list(model.input_shape),
                                           "num_classes": int(model.num_classes), "info": record})}
