@@ -417,7 +417,7 @@ def test_ray_tasks_ask_for_a_gpu_where_the_cluster_has_one(cluster, device, cpus
 @pytest.mark.parametrize(("cluster", "device", "cpus", "gpus", "needle"), [
     ({"CPU": 8.0}, "auto", 1, 1.0, "the cluster has 0 GPU(s)"),
     ({"CPU": 8.0, "GPU": 1.0}, "cpu", 1, 1.0, "0 for device 'cpu'"),
-    ({"CPU": 8.0}, "auto", 0, None, "--cpus-per-task is 0"),
+    ({"CPU": 8.0}, "auto", 0, None, "--cpus-per-task 0; expected an int >= 1"),
 ])
 def test_ray_task_resources_the_cluster_cannot_give_are_refused(cluster, device, cpus, gpus, needle):
     from malex.evaluate.study.on_ray import task_resources

@@ -69,8 +69,7 @@ def task_resources(cluster: dict[str, float], device: str, cpus: int = 1, gpus: 
     Ray gives it, and tasks without one see none). Asking for GPUs the cluster lacks is a `ConfigError`."""
     from malex.errors import ConfigError
 
-    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
-        raise ConfigError(f"--cpus-per-task is {cpus!r}; expected an integer >= 1")
+    check_workers(cpus, "--cpus-per-task")
     have = float(cluster.get("GPU", 0.0))
     if gpus is None:
         gpus = 1.0 if have >= 1 and device != "cpu" else 0.0
@@ -107,6 +106,7 @@ def run_study_on_ray(study: Study, config_text: str | None, address: str, worker
     its tables and report on this machine. Returns the run (cells computed by the tasks) and what each task did."""
     ray = import_ray()
     check_workers(workers, "--workers")
+    check_workers(cpus_per_task, "--cpus-per-task")
     select.check(study.config)
     began = time.perf_counter()
     study.layout.claim(study.config.raw, study.config.base_dir, config_text)
