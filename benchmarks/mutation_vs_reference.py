@@ -137,7 +137,7 @@ def build_reference_mutants(model: nn.Module, det: ModelMutation) -> list[nn.Mod
 
     The mutant weights are drawn by a fuzzer identical to the detector's (same module, strength and seed) but
     without a cache, so that drawing is part of the construction time, as in the reference design."""
-    fuzzer = GaussianFuzzer(det.module, det.strength, det.config.seed)
+    fuzzer = GaussianFuzzer(det.fuzzer.weights, det.strength, det.config.seed)
     prefix = module_path(model, det.module)
     mutants = []
     for i in range(det.config.max_mutants):
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # one-off costs: fitting (draws and caches malex's mutants), drawing mutants afresh, building full copies
     t_fit, _ = timed(lambda: det.fit(probe.run(x_fit)))
-    fresh = GaussianFuzzer(det.module, det.strength, cfg.seed)  # no cache: every call draws
+    fresh = GaussianFuzzer(det.fuzzer.weights, det.strength, cfg.seed)  # no cache: every call draws
     t_draw, _ = timed(lambda: [fresh.mutants(range(s, min(s + cfg.chunk, cfg.max_mutants)))
                                for s in range(0, cfg.max_mutants, cfg.chunk)])
     t_build, mutants = timed(lambda: build_reference_mutants(model, det))

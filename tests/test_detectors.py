@@ -63,8 +63,8 @@ def test_mutants_are_reproducible_and_follow_the_gaussian_fuzzing_rule(setup):
 
 
 def test_the_mutant_cache_stays_within_its_budget(setup):
-    per = GaussianFuzzer(setup["model"].head, 0.5, 0).bytes_per_mutant
-    fuzzer = GaussianFuzzer(setup["model"].head, 0.5, 0, cache_bytes=5 * per)
+    per = GaussianFuzzer(dict(setup["model"].head.named_parameters()), 0.5, 0).bytes_per_mutant
+    fuzzer = GaussianFuzzer(dict(setup["model"].head.named_parameters()), 0.5, 0, cache_bytes=5 * per)
     kept = fuzzer.mutants(range(0, 4))
     assert fuzzer.mutants(range(0, 4)) is kept
     assert fuzzer.mutants(range(4, 8)) is not fuzzer.mutants(range(4, 8))  # 8 mutants would exceed 5
@@ -75,7 +75,7 @@ def test_head_only_mutants_give_the_labels_of_full_mutated_models(setup):
     det = ModelMutation(model, MutationConfig(strength=0.65))
     x = setup["clean"][:50]
     obs = Probe(model, det.layers()).run(x)
-    flips = det._flips(obs.layer("head:in"), obs.pred, range(5))
+    flips = det._flips(det.inputs_of(obs), obs.pred, range(5))
     params = det.fuzzer.mutants(range(5))
     for i in range(5):
         mutant = copy.deepcopy(model)
@@ -90,9 +90,9 @@ def test_batched_head_products_give_the_labels_of_functional_calls(setup, monkey
     det = ModelMutation(model, MutationConfig(strength=0.65))
     assert det._stackable
     obs = Probe(model, det.layers()).run(setup["clean"][:64])
-    fast = det._flips(obs.layer("head:in"), obs.pred, range(10))
+    fast = det._flips(det.inputs_of(obs), obs.pred, range(10))
     monkeypatch.setattr(det, "_stackable", False)
-    assert torch.equal(fast, det._flips(obs.layer("head:in"), obs.pred, range(10)))
+    assert torch.equal(fast, det._flips(det.inputs_of(obs), obs.pred, range(10)))
 
 
 def test_low_lcr_side_separates_backdoor_inputs(setup, fit_and_score):

@@ -102,9 +102,9 @@ def test_a_head_that_does_not_give_the_models_labels_falls_back_to_the_whole_mod
     obs = Probe(model, det.layers()).run(x)
     with pytest.warns(UserWarning, match="whole model"):
         det.fit(obs)
-    assert det.input_layer is None and det.module is model
+    assert det.target.reach == "model" and det.layers() == [] and det.module is model
     restored = make_detector("mutation_adv", model, max_mutants=20, sequential=False).restore(*det.export())
-    assert restored.input_layer is None
+    assert restored.target.reach == "model" and restored.layers() == []
     assert (restored.score(obs) == det.score(obs)).all()
 
 

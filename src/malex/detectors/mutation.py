@@ -4,7 +4,9 @@ Mutants are Gaussian fuzzings of the dense layers' weights, W' = W + N(mean(W), 
 from a seed so that mutant i is the same in every call and after a save and load. The guarded model is
 never touched: mutants are parameter sets passed to `torch.func.functional_call`, and when every dense
 layer sits in the model's `head`, only the head is re-run, on its cached input from the probe pass, with
-many mutants at once through `vmap`.
+many mutants at once through `vmap`. On a head of ONE dense layer, fuzzing it measures only the margin
+against the feature norm, so the backdoor side (`through_last_conv`) fuzzes the model's last convolution
+instead and re-runs the model from it (`malex.models.tail`).
 
 The label-change rate (LCR) of an input is the share of mutants whose label differs from the guarded
 model's own prediction. Adversarial examples sit near a boundary, so their LCR is high at a mild
@@ -30,10 +32,11 @@ from torch.func import functional_call, vmap
 
 from malex.detectors.base import ADVERSARIAL, BACKDOOR, Detector
 from malex.detectors.sprt import SPRT
-from malex.errors import ConfigError
+from malex.errors import ConfigError, ModelFileError
 from malex.models.anatomy import dense_layers, find_head, head_reproduces
+from malex.models.tail import conv_tail
 from malex.models.inference import eval_mode
-from malex.probe import INPUT_SUFFIX, Observation
+from malex.probe import Observation
 from malex.progress import counter
 
 
@@ -56,6 +59,9 @@ class MutationConfig:
     seed: int = 0
     batch_size: int = 2048
     cache_mb: float = 256.0  # memory for drawn mutants, kept between calls (0: draw them at every call)
+    #: where the dense head is ONE dense layer, fuzz the last convolution instead and re-run the model from it
+    #: (`malex.models.tail`): fuzzing one dense layer measures only margin over feature norm
+    through_last_conv: bool = False
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -80,20 +86,44 @@ class MutationTest:
     decision: np.ndarray
 
 
-def mutation_target(model: nn.Module) -> tuple[nn.Module, str | None]:
-    """The module the mutants replace and the probe layer holding its input (None: the raw input).
+@dataclass(frozen=True)
+class MutationTarget:
+    """What the mutants re-run: `module` maps the values that probe layers `inputs` capture (none: the raw input)
+    to the logits, and its parameters `weights` are the ones fuzzed. `reach` says which part of the model that is:
+    "head" (the dense head), "last_conv" (from the last convolution on, see `malex.models.tail`) or "model"."""
 
-    When a submodule holds every dense layer (`model.head`, a foreign model's `fc` or `classifier`: see
-    `malex.models.anatomy.find_head`), only it is re-run; `fit` checks that it reproduces the model's labels.
-    """
+    module: nn.Module
+    inputs: tuple[str, ...]
+    weights: tuple[str, ...]
+    reach: Literal["head", "last_conv", "model"]
+    reason: str
+
+    def whole_model(self, model: nn.Module) -> "MutationTarget":
+        """The same weights fuzzed, in the whole model re-run from the raw input (named as the model names them)."""
+        weights = _dense_weights(model) if self.reach == "head" else self.weights
+        return MutationTarget(model, (), weights, "model", f"re-running {self.reach} on its captured input does not "
+                              "give the model's labels, so every mutant re-runs the whole model")
+
+
+def _dense_weights(module: nn.Module) -> tuple[str, ...]:
+    return tuple(f"{n}.weight" if n else "weight" for n, m in module.named_modules() if isinstance(m, nn.Linear))
+
+
+def mutation_target(model: nn.Module, through_last_conv: bool = False) -> MutationTarget:
+    """The part of `model` the mutants replace. When a submodule holds every dense layer (`model.head`, a foreign
+    model's `fc` or `classifier`: see `malex.models.anatomy.find_head`), only it is re-run; when that head is one
+    dense layer and `through_last_conv` is set, the mutants fuzz the last convolution instead and re-run the model
+    from it (`malex.models.tail.conv_tail`). `fit` checks on data that the part reproduces the model's labels."""
     if not dense_layers(model):
         raise ConfigError("the model has no dense (nn.Linear) layers to mutate")
     head = find_head(model)
-    return (model, None) if head is None else (head.module, head.input_layer)
-
-
-def _weight_name(module_name: str) -> str:
-    return f"{module_name}.weight" if module_name else "weight"
+    if head is None:
+        return MutationTarget(model, (), _dense_weights(model), "model", "no submodule holds every dense layer")
+    if through_last_conv and isinstance(head.module, nn.Linear):
+        tail = conv_tail(model)
+        if tail is not None:
+            return MutationTarget(tail.module, tail.inputs, (f"{tail.start}.weight",), "last_conv", tail.reason)
+    return MutationTarget(head.module, (head.input_layer,), _dense_weights(head.module), "head", head.reason)
 
 
 def stackable_head(module: nn.Module) -> bool:
@@ -112,18 +142,16 @@ def stackable_head(module: nn.Module) -> bool:
 
 
 class GaussianFuzzer:
-    """Deterministic Gaussian-fuzzed copies of a module's dense-layer weights, as stacked parameters.
+    """Deterministic Gaussian-fuzzed copies of weights (a module's parameters by name), as stacked parameters.
 
     Drawing the noise costs more than running the mutants on cached head inputs, so drawn mutants are
     kept, up to `cache_bytes` (beyond that they are drawn again at every call; the values are the same
     either way)."""
 
-    def __init__(self, module: nn.Module, strength: float, seed: int, cache_bytes: int = 0) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], strength: float, seed: int, cache_bytes: int = 0) -> None:
         self.strength = strength
         self.seed = seed
-        self.weights = {
-            _weight_name(n): m.weight.detach() for n, m in module.named_modules() if isinstance(m, nn.Linear)
-        }
+        self.weights = {k: w.detach() for k, w in weights.items()}
         self.stats = {k: (float(w.mean()), float(w.max()) * strength) for k, w in self.weights.items()}
         self.bytes_per_mutant = sum(w.numel() * w.element_size() for w in self.weights.values())
         self._room = max(cache_bytes, 0) // max(self.bytes_per_mutant, 1)  # mutants the cache may still take
@@ -166,27 +194,37 @@ class ModelMutation(Detector):
 
     def __init__(self, model: nn.Module, config: MutationConfig | None = None) -> None:
         super().__init__(model, config)
-        self._target(*mutation_target(model))
+        self._set_target(mutation_target(model, self.config.through_last_conv))
         self.fuzzer = self._fuzzer(self.config.strength)
 
-    def _target(self, module: nn.Module, input_layer: str | None) -> None:
-        self.module, self.input_layer = module, input_layer
-        self._stackable = stackable_head(module)  # else: vmap over functional_call
+    def _set_target(self, target: MutationTarget) -> None:
+        self.target = target
+        # a plain dense head runs as batched matrix products; anything else through vmap over functional_call
+        self._stackable = target.reach == "head" and stackable_head(target.module)
 
-    def _check_head(self, clean: Observation) -> None:
-        """Fall back to re-running the whole model (with a warning) when re-running the head on its captured
-        input does not give the model's own labels of the clean inputs."""
-        if self.input_layer is None or head_reproduces(self.module, clean.layer(self.input_layer), clean.pred):
+    @property
+    def module(self) -> nn.Module:
+        """The module the mutants re-run (see `MutationTarget`)."""
+        return self.target.module
+
+    def inputs_of(self, obs: Observation) -> tuple[torch.Tensor, ...]:
+        """What the mutated module takes, from a probe pass: its captured inputs, or the raw input."""
+        return tuple(obs.layer(n) for n in self.target.inputs) if self.target.inputs else (obs.x,)
+
+    def _check_target(self, clean: Observation) -> None:
+        """Fall back to re-running the whole model (with a warning) when re-running the mutated part on its
+        captured inputs does not give the model's own labels of the clean inputs."""
+        if self.target.reach == "model" or head_reproduces(self.module, self.inputs_of(clean), clean.pred):
             return
-        warnings.warn(f"{self.name}: re-running {self.input_layer[:-len(INPUT_SUFFIX)]!r} on its input does not "
-                      "reproduce the model's labels, so every mutant re-runs the whole model (about "
-                      f"{self.config.max_mutants} forward passes per input at most instead of head passes)",
-                      stacklevel=3)
-        self._target(self.model, None)
+        self._set_target(self.target.whole_model(self.model))
+        warnings.warn(f"{self.name}: {self.target.reason} (about {self.config.max_mutants} forward passes per input "
+                      "at most)", stacklevel=3)
         self.fuzzer = self._fuzzer(self.strength)
 
     def _fuzzer(self, strength: float) -> GaussianFuzzer:
-        return GaussianFuzzer(self.module, strength, self.config.seed, int(self.config.cache_mb * 2**20))
+        params = dict(self.module.named_parameters())
+        return GaussianFuzzer({k: params[k] for k in self.target.weights}, strength, self.config.seed,
+                              int(self.config.cache_mb * 2**20))
 
     @property
     def strength(self) -> float:
@@ -197,37 +235,38 @@ class ModelMutation(Detector):
         self.fuzzer = self._fuzzer(strength)
 
     def layers(self) -> list[str]:
-        return [self.input_layer] if self.input_layer else []
+        return list(self.target.inputs)
 
-    def mutant_logits(self, inputs: torch.Tensor, ids: range) -> torch.Tensor:
-        """(len(ids), N, classes) logits of mutants `ids` on `inputs` (the mutated module's input: the probe layer
-        `input_layer`, or the raw input), in eval mode and WITH autograd's graph, so that they are differentiable
-        with respect to `inputs` (adaptive attacks take expectations over the mutants; the test takes argmaxes)."""
+    def mutant_logits(self, inputs: tuple[torch.Tensor, ...], ids: range) -> torch.Tensor:
+        """(len(ids), N, classes) logits of mutants `ids` on `inputs` (what the mutated module takes: `inputs_of`),
+        in eval mode and WITH autograd's graph, so that they are differentiable with respect to `inputs`
+        (adaptive attacks take expectations over the mutants; the test takes argmaxes)."""
         return self._logits(self.fuzzer.mutants(ids), inputs)
 
-    def _logits(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    def _logits(self, params: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The logits of the stacked mutant parameters `params` on `inputs` (see `mutant_logits`)."""
         with eval_mode(self.module):
             if self._stackable:
-                return self._stacked_logits(params, inputs)
+                return self._stacked_logits(params, inputs[0])
             fixed = {n: p.detach() for n, p in self.module.named_parameters() if n not in params}
             fixed.update({n: b for n, b in self.module.named_buffers()})
 
-            def one(mutant: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-                return functional_call(self.module, {**fixed, **mutant}, (xb,))
+            def one(mutant: dict[str, torch.Tensor], *xb: torch.Tensor) -> torch.Tensor:
+                return functional_call(self.module, {**fixed, **mutant}, xb)
 
-            return vmap(one, in_dims=(0, None))(params, inputs)
+            return vmap(one, in_dims=(0, *(None,) * len(inputs)))(params, *inputs)
 
-    def _flips(self, inputs: torch.Tensor, base: torch.Tensor, ids: range) -> torch.Tensor:
+    def _flips(self, inputs: tuple[torch.Tensor, ...], base: torch.Tensor, ids: range) -> torch.Tensor:
         """(len(ids), N) bool: does mutant i change the label of input j?"""
         params = self.fuzzer.mutants(ids)
         device = next(iter(params.values())).device
+        size = self.config.batch_size
         out = []
         with torch.no_grad():
-            for start in range(0, inputs.shape[0], self.config.batch_size):
-                xb = inputs[start : start + self.config.batch_size].to(device)
+            for start in range(0, inputs[0].shape[0], size):
+                xb = tuple(t[start : start + size].to(device) for t in inputs)
                 pred = self._logits(params, xb).argmax(dim=-1).cpu()
-                out.append(pred != base[start : start + self.config.batch_size].view(1, -1))
+                out.append(pred != base[start : start + size].view(1, -1))
         return torch.cat(out, dim=1)
 
     def _stacked_logits(self, params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
@@ -237,7 +276,7 @@ class ModelMutation(Detector):
         layers = [("", self.module)] if isinstance(self.module, nn.Linear) else self.module.named_children()
         for name, child in layers:
             if isinstance(child, nn.Linear):
-                w = params.get(_weight_name(name), child.weight)
+                w = params.get(f"{name}.weight" if name else "weight", child.weight)
                 h = torch.matmul(h, w.transpose(-1, -2))
                 if child.bias is not None:
                     h = h + child.bias
@@ -253,7 +292,7 @@ class ModelMutation(Detector):
         sequential = cfg.sequential if sequential is None else sequential
         if sequential:
             self.check_fitted()
-        inputs = obs.layer(self.input_layer) if self.input_layer else obs.x
+        inputs = self.inputs_of(obs)
         base = obs.pred
         n = len(obs)
         changes = np.zeros(n)
@@ -266,7 +305,7 @@ class ModelMutation(Detector):
                 if active.size == 0:
                     break
                 ids = range(start, min(start + cfg.chunk, cfg.max_mutants))
-                flips = self._flips(inputs[active], base[active], ids).sum(0).numpy()
+                flips = self._flips(tuple(t[active] for t in inputs), base[active], ids).sum(0).numpy()
                 changes[active] += flips
                 used[active] += len(ids)
                 if sprt is not None:
@@ -280,8 +319,15 @@ class ModelMutation(Detector):
         return MutationTest(lcr=lcr, n_mutants=used.astype(np.int64), decision=decision)
 
     def _after_restore(self) -> None:
-        if getattr(self, "whole_model_", False) and self.input_layer is not None:
-            self._target(self.model, None)
+        if hasattr(self, "reach_"):
+            saved, origin = self.reach_, self.target
+        else:  # a file written before `reach_`: its mutants fuzzed the dense layers, in the head or the whole model
+            saved, origin = ("model" if getattr(self, "whole_model_", False) else "head"), mutation_target(self.model)
+        target = origin.whole_model(self.model) if saved == "model" and origin.reach != "model" else origin
+        if target.reach != saved:
+            raise ModelFileError(f"{self.name}: the saved state's mutants re-ran {saved!r}; this model and its "
+                                 f"settings give {target.reach!r}")
+        self._set_target(target)
         self._set_strength(self.strength_)
 
     def sprt(self) -> SPRT:
@@ -305,8 +351,8 @@ class ModelMutation(Detector):
 
     def fit(self, clean: Observation, y: torch.Tensor | None = None) -> "ModelMutation":
         """Calibrate the strength (if asked) and the LCR threshold at the clean `lcr_tail` quantile."""
-        self._check_head(clean)
-        self.whole_model_ = self.input_layer is None
+        self._check_target(clean)
+        self.reach_ = self.target.reach
         if self.config.target_clean_lcr is not None:
             self._search_strength(clean, self.config.target_clean_lcr)
         self.strength_ = self.strength
@@ -349,6 +395,7 @@ class BackdoorMutationConfig(MutationConfig):
     strength: float = 0.65
     target_clean_lcr: float | None = 0.6
     suspicious: Literal["high", "low"] = "low"
+    through_last_conv: bool = True
 
 
 @dataclass(frozen=True)
@@ -357,6 +404,7 @@ class FixedBackdoorMutationConfig(MutationConfig):
 
     strength: float = 0.65
     suspicious: Literal["high", "low"] = "low"
+    through_last_conv: bool = True
 
 
 class AdversarialMutation(ModelMutation):

@@ -136,8 +136,7 @@ def msp_score(det: MSP) -> MemberScore:
 def soft_label_change_rate(det: ModelMutation, obs: Observation, mutants: int, temperature: float) -> torch.Tensor:
     """The mean over the detector's first `mutants` mutants of a soft label change, sigmoid of the best other
     logit minus the logit of the model's own label, over `temperature`."""
-    inputs = obs.layer(det.input_layer) if det.input_layer else obs.x
-    logits = det.mutant_logits(inputs, range(min(mutants, det.config.max_mutants))).double()  # (M, N, K)
+    logits = det.mutant_logits(det.inputs_of(obs), range(min(mutants, det.config.max_mutants))).double()  # (M, N, K)
     base = obs.logits.argmax(dim=1).detach()
     own = logits.gather(2, base.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(2)
     other = logits.scatter(2, base.view(1, -1, 1).expand(logits.shape[0], -1, 1), float("-inf")).amax(dim=2)

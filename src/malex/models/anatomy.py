@@ -106,10 +106,12 @@ def find_head(model: nn.Module, also: tuple[str, ...] = ()) -> Head | None:
     return Head(name, model.get_submodule(name), f"{what} holds every dense layer")
 
 
-def head_reproduces(head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> bool:
-    """Does re-running `head` (in eval mode) on its captured `inputs` give the model's own `labels`?"""
+def head_reproduces(head: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> bool:
+    """Does re-running `head` (in eval mode) on its captured `inputs` (one tensor, or one per argument) give the
+    model's own `labels`?"""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
     with torch.no_grad(), eval_mode(head):
-        return bool(torch.equal(head(inputs).argmax(dim=-1).cpu(), labels.cpu()))
+        return bool(torch.equal(head(*args).argmax(dim=-1).cpu(), labels.cpu()))
 
 
 def penultimate_input(model: nn.Module) -> str | None:
@@ -171,7 +173,7 @@ def _data_nodes(graph: torch.fx.Graph) -> tuple[list[torch.fx.Node], set[torch.f
     return [n for n in data if n.op not in ("placeholder", "output")], path
 
 
-def _capture_name(node: torch.fx.Node, last_call: dict[str, torch.fx.Node]) -> str | None:
+def capture_name(node: torch.fx.Node, last_call: dict[str, torch.fx.Node]) -> str | None:
     """The probe layer that captures `node`'s value: the module's output when `node` is that module's last call
     (a hook keeps the last), else the input of a module whose last call reads it first; None when only
     functions read it."""
@@ -211,7 +213,7 @@ def _block_points(model: nn.Module, graph: torch.fx.Graph) -> list[_Point]:
             after_raw = True
             continue
         enters = all(raw(u) for u in node.users) or (node in path and len(node.users) > 1)
-        name = _capture_name(node, last_call) if after_raw and len(shape) == 4 and enters else None
+        name = capture_name(node, last_call) if after_raw and len(shape) == 4 and enters else None
         if name is not None:
             found.append(_Point(name, shape, node in path))
     return found
