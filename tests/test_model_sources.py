@@ -243,6 +243,8 @@ def test_cli_info_names_kind_head_and_penultimate_layer(cli_runs):
     described = json.loads(res.stdout)
     assert described["kind"] == "export" and described["input_shape"] == [1, 8, 8] and described["num_classes"] == 10
     assert described["head"]["module"] == "fc" and described["penultimate_layer"] == "fc:in"
+    mutants = described["backdoor_mutants"]  # a head of one dense layer: mutation_bd fuzzes the last convolution
+    assert mutants["reach"] == "last_conv" and mutants["fuzzed"] == ["block.0.weight"], mutants
 
 
 def test_cli_info_says_which_probe_layers_and_why(cli_runs):

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.console import Console
 from malex.atomic import check_folder, check_output
 from malex.calibration import DEFAULT_FPR
 from malex.errors import MalexError
+
+if TYPE_CHECKING:
+    from malex.detectors.mutation import MutationTarget
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Screen an image classifier's inputs for adversarial and backdoor examples.")
@@ -171,6 +174,7 @@ def info(
     """Describe a model: source kind, input shape, classes, preprocessing, the head that mutation and MC dropout
     re-run, the penultimate layer, and the probe layers the feature-space detectors read, with why each was
     chosen."""
+    from malex.detectors.mutation import mutation_target
     from malex.detectors.stats import check_layers, penultimate_layer
     from malex.models.anatomy import find_head
     from malex.probe import chosen_layers
@@ -183,9 +187,16 @@ def info(
     described = {**loaded.description,
                  "head": {"module": head.name, "reason": head.reason} if head else
                  {"module": None, "reason": "no submodule holds every dense layer: detectors re-run the whole model"},
+                 "backdoor_mutants": _mutated(mutation_target(net, through_last_conv=True)),
                  "penultimate_layer": penultimate_layer(net),
                  "probe_layers": {"layers": probe, "reason": why}}
     out.print_json(json.dumps(described))
+
+
+def _mutated(target: MutationTarget) -> dict[str, Any]:
+    """What mutation_bd's mutants fuzz and re-run (a `MutationTarget`), JSON-able."""
+    return {"reach": target.reach, "fuzzed": list(target.weights), "inputs": list(target.inputs) or ["the raw input"],
+            "reason": target.reason}
 
 
 @app.command()

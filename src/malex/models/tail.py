@@ -3,9 +3,9 @@
 Model mutation fuzzes dense layers and re-runs only what follows them. On a head of ONE dense layer that
 measures little: the noise a fuzzed layer W' = W + N adds to a logit difference is proportional to the norm of
 its input, so a label change says only how large the margin is against the feature norm, and trigger inputs
-are no more robust than clean ones (digits TinyResNet, BadNets AUROC 0.29-0.50 over three seeds). Fuzzing the
-last convolution as well restores the effect the test relies on (0.87-0.92). `conv_tail` cuts a traced model
-just before its last convolution: the values the rest of the pass reads (the convolution's input, and any skip
+are no more robust than clean ones (digits TinyResNet, BadNets AUROC of mutation_bd 0.42-0.64 over three
+seeds). Fuzzing the last convolution instead restores the effect the test relies on (0.91-0.97). `conv_tail`
+cuts a traced model just before its last convolution: the values the rest of the pass reads (the convolution's input, and any skip
 connection that jumps over it) become the inputs of a `torch.fx.GraphModule`, each captured by a probe layer,
 so the mutants re-run only the last convolution, what follows it, and the head.
 """
@@ -76,5 +76,5 @@ def conv_tail(model: nn.Module) -> Tail | None:
     module.recompile()
     start_name = str(start.target)
     return Tail(module, tuple(names), start_name,  # type: ignore[arg-type]
-                f"the head is one dense layer, so the mutants also fuzz the last convolution {start_name!r} and re-run "
+                f"the head is one dense layer, so the mutants fuzz the last convolution {start_name!r} instead and re-run "
                 f"the model from it, on {', '.join(names)}")  # type: ignore[arg-type]
