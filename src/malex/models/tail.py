@@ -5,9 +5,9 @@ measures little: the noise a fuzzed layer W' = W + N adds to a logit difference 
 its input, so a label change says only how large the margin is against the feature norm, and trigger inputs
 are no more robust than clean ones (digits TinyResNet, BadNets AUROC of mutation_bd 0.42-0.64 over three
 seeds). Fuzzing the last convolution instead restores the effect the test relies on (0.91-0.97). `conv_tail`
-cuts a traced model just before its last convolution: the values the rest of the pass reads (the convolution's input, and any skip
-connection that jumps over it) become the inputs of a `torch.fx.GraphModule`, each captured by a probe layer,
-so the mutants re-run only the last convolution, what follows it, and the head.
+cuts a traced model just before its last convolution: the values the rest of the pass reads (the
+convolution's input, and any skip connection that jumps over it) become the inputs of a `torch.fx.GraphModule`,
+each captured by a probe layer, so the mutants re-run only the last convolution, what follows it, and the head.
 """
 
 from __future__ import annotations
