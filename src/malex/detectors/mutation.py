@@ -34,10 +34,14 @@ from malex.detectors.base import ADVERSARIAL, BACKDOOR, Detector
 from malex.detectors.sprt import SPRT
 from malex.errors import ConfigError, ModelFileError
 from malex.models.anatomy import dense_layers, find_head, head_reproduces
-from malex.models.tail import conv_tail
 from malex.models.inference import eval_mode
+from malex.models.tail import conv_tail
 from malex.probe import Observation
 from malex.progress import counter
+
+
+#: most values a batch of mutants' inputs may hold (float32: 128 MiB per intermediate activation)
+MUTANT_ELEMENTS = 2**25
 
 
 @dataclass(frozen=True)
@@ -257,10 +261,12 @@ class ModelMutation(Detector):
             return vmap(one, in_dims=(0, *(None,) * len(inputs)))(params, *inputs)
 
     def _flips(self, inputs: tuple[torch.Tensor, ...], base: torch.Tensor, ids: range) -> torch.Tensor:
-        """(len(ids), N) bool: does mutant i change the label of input j?"""
+        """(len(ids), N) bool: does mutant i change the label of input j? Inputs go in batches of at most
+        `batch_size`, fewer where the mutants' activations would pass MUTANT_ELEMENTS (a tail's feature maps)."""
         params = self.fuzzer.mutants(ids)
         device = next(iter(params.values())).device
-        size = self.config.batch_size
+        per_input = len(ids) * sum(t[0].numel() for t in inputs) if len(inputs[0]) else 1
+        size = max(1, min(self.config.batch_size, MUTANT_ELEMENTS // per_input))
         out = []
         with torch.no_grad():
             for start in range(0, inputs[0].shape[0], size):
