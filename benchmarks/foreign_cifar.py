@@ -82,6 +82,12 @@ class ResNetGAP(nn.Module):
         return self.fc(torch.flatten(self.avgpool(h), 1))
 
 
+#: cache name -> (row label, architecture, poisoned with BadNets)
+MODELS = {"resnetgap-clean": ("ResNetGAP clean", ResNetGAP, False),
+          "resnetgap-badnets": ("ResNetGAP BadNets", ResNetGAP, True),
+          "cifar_resnet-clean": ("cifar_resnet clean", "cifar_resnet", False)}
+
+
 def cached(name: str, cache: Path, data, arch, trigger=None) -> tuple[nn.Module, dict]:
     """A model trained with RECIPE (poisoned with `trigger` when given), from the cache when it is there."""
     path = cache / f"{name}.safetensors"
@@ -106,6 +112,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=Path("cache/foreign-cifar"))
     p.add_argument("--out", type=Path, default=None, help="also write the tables here (Markdown)")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                   help="which models to train (or read from the cache) and measure")
     args = p.parse_args()
     data = load_dataset("cifar10", seed=0)
     fit_idx, cal_idx = split_keeping_groups(data.val.y, data.val.groups, (0.5, 0.5), 0)
@@ -116,9 +124,8 @@ def main() -> None:
     trigger = make_trigger("badnets", size=3, margin=1)
     pgd = make_adversarial("pgd", eps=0.031, alpha=0.0078, steps=20, seed=0)
 
-    models = {"ResNetGAP clean": cached("resnetgap-clean", args.cache, data, ResNetGAP),
-              "ResNetGAP BadNets": cached("resnetgap-badnets", args.cache, data, ResNetGAP, trigger),
-              "cifar_resnet clean": cached("cifar_resnet-clean", args.cache, data, "cifar_resnet")}
+    models = {label: cached(name, args.cache, data, arch, trigger if poisoned else None)
+              for name, (label, arch, poisoned) in MODELS.items() if name in args.models}
     lines = [f"`{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`", "",
              "| model | clean accuracy | ASR |", "|---|---:|---:|"]
     for name, (_, facts) in models.items():
@@ -127,8 +134,8 @@ def main() -> None:
     lines += ["", "| model | attack | n clean / malicious | guard fit (s) | screen / forward at batch 256 | guard AUROC "
               "| " + " | ".join(GuardConfig().detectors) + " |", "|---|---|---:|---:|---:|---:|" +
               "---:|" * len(GuardConfig().detectors)]
-    cells = (("ResNetGAP clean", "PGD"), ("ResNetGAP BadNets", "BadNets"), ("cifar_resnet clean", "PGD"))
-    for name, attack in cells:
+    for name, attack in ((label, "BadNets" if poisoned else "PGD") for label, _, poisoned in MODELS.values()
+                         if label in models):
         model = models[name][0]
         clean = clean_pool.x[predict(model, clean_pool.x) == clean_pool.y][:1000]
         if attack == "PGD":
