@@ -5,10 +5,10 @@ measures little: the noise a fuzzed layer W' = W + N adds to a logit difference 
 its input, so a label change says only how large the margin is against the feature norm, and trigger inputs
 are no more robust than clean ones (digits TinyResNet, BadNets AUROC of mutation_bd 0.49 ± 0.13 over three
 seeds). Fuzzing the last convolution instead restores the effect the test relies on (0.95 ± 0.03;
-benchmarks/mutation_reach.py). `conv_tail`
-cuts a traced model just before its last convolution: the values the rest of the pass reads (the
-convolution's input, and any skip connection that jumps over it) become the inputs of a `torch.fx.GraphModule`,
-each captured by a probe layer, so the mutants re-run only the last convolution, what follows it, and the head.
+benchmarks/mutation_reach.py). `conv_tail` cuts a traced model just before its last convolution: the values
+the rest of the pass reads (the convolution's input, and any skip connection that jumps over it) become the
+inputs of a `torch.fx.GraphModule`, each captured by a probe layer, so the mutants re-run only the last
+convolution, what follows it, and the head.
 """
 
 from __future__ import annotations
