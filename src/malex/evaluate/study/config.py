@@ -4,7 +4,9 @@ Layout of the file (every table but `[datasets.*]` is optional; see configs/digi
 
     [study]                 seeds, fpr, n_clean, n_malicious, n_fit, n_calibration, detectors, guard (default:
                             the guard's own default detectors), guard_combination, guard_typing,
-                            guard_typing_settings (default: as shipped), device, batch_size, data_dir
+                            guard_typing_settings (default: as shipped), device, batch_size, data_dir,
+                            asr_floor (default 0.85: a backdoor seed whose poisoned model's ASR is below it is
+                            marked "attack not learnt" in the tables and left out of their means)
     [detectors.NAME]        settings of a detector of the registry (passed to make_detector)
     [backdoors.NAME]        trigger = registry name (default NAME); poison_rate (default: the dataset's);
                             the other keys are the trigger's settings
@@ -52,6 +54,8 @@ BACKDOOR, ADVERSARIAL = "backdoor", "adversarial"
 CLEAN_MODEL = "clean"
 #: the row name of the guard in every cell
 GUARD = "guard"
+#: the attack success rate a poisoned model must reach for its backdoor to count as learnt (study.asr_floor)
+ASR_FLOOR = 0.85
 _EMBEDDINGS = ("pca", "tsne")
 
 
@@ -163,6 +167,8 @@ class StudyConfig:
     batch_size: int = 256
     data_dir: str | None = None
     analysis: AnalysisConfig = AnalysisConfig()
+    #: a backdoor's seeds below this ASR are "attack not learnt" in the tables (no artifact depends on it)
+    asr_floor: float = ASR_FLOOR
     #: the mapping this config was parsed from and the folder relative paths resolved against (for the record)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     base_dir: str | None = None
@@ -227,7 +233,7 @@ def _with_overrides(spec: AttackSpec, overrides: dict[str, Any], where: str) -> 
 
 _DECISION_KEYS = {"guard_combination", "guard_typing", "guard_typing_settings"}
 _STUDY_KEYS = {"seeds", "fpr", "n_clean", "n_malicious", "n_fit", "n_calibration", "detectors", "guard", "device",
-               "batch_size", "data_dir"} | _DECISION_KEYS
+               "batch_size", "data_dir", "asr_floor"} | _DECISION_KEYS
 _DATASET_KEYS = {"data", "arch", "arch_kwargs", "value_range", "mean", "std", "poison_rate", "target", "attacks", "detectors", "guard", "n_clean", "n_malicious",
                  "n_fit", "n_calibration", "train", "attack_settings", "detector_settings"} | _DECISION_KEYS
 _ANALYSIS_KEYS = {f.name for f in dataclasses.fields(AnalysisConfig)}
@@ -358,6 +364,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None, imp
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"study.seeds: {seeds!r}; expected a non-empty list of distinct integers >= 0")
     fpr = check_fpr(study.get("fpr", DEFAULT_FPR), "study.fpr")
+    asr_floor = read_float(study, "asr_floor", "study", ASR_FLOOR, 0.0, 1.0, closed=True)
     counts = {k: read_int(study, k, "study", default, minimum=minimum) for k, default, minimum in
               (("n_clean", 1000, 10), ("n_malicious", 1000, 1), ("n_fit", 2000, 10), ("n_calibration", 1000, 10))}
     detectors = read_names(study, "detectors", "study", _DEFAULT_DETECTORS, DETECTORS, "detector")
@@ -439,6 +446,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None, imp
     return StudyConfig(
         datasets=tuple(datasets), seeds=tuple(seeds), fpr=fpr, device=device, batch_size=batch_size,
         data_dir=data_dir, analysis=_analysis(read_table(raw.get("analysis", {}), "analysis")),
+        asr_floor=asr_floor,
         raw=normalise_raw(raw), base_dir=None if base is None else str(base.resolve()),
     )
 
