@@ -462,6 +462,38 @@ def test_the_mean_of_a_backdoor_column_holds_only_its_learnt_seeds(study_run):
     assert "2 of 3 seeds; seed 2 not learnt (ASR 0.440 < 0.85)" in md
 
 
+def test_a_backdoor_fine_tuned_from_the_cached_clean_model_is_its_own_artifact(study_run, tmp_path):
+    """fine_tune: the BadNets model is the cached clean model trained further on poisoned data. Only that model
+    is made (the clean model and its cells are read), its record names the clean model it came from, a rerun
+    redoes nothing, and a bad fine_tune setting names its key."""
+    from malex.evaluate.study.on_ray import model_tasks, waits_for
+
+    out = tmp_path / "out"
+    shutil.copytree(study_run["out"], out)
+    raw = shrunk_raw()
+    raw["backdoors"]["badnets"]["fine_tune"] = {"epochs": 3}
+    log: list[str] = []
+    study = Study(parse_config(raw), out, progress=False, log=log.append)
+    run = study.run(report=False)
+    assert [c.attack for c in run.computed] == ["badnets"] and run.counts["models_trained"] == 1
+    assert any("fine-tuning the clean model on data poisoned with badnets (3 epochs)" in line for line in log)
+    seed_run = study._seed_run("digits", 0)
+    clean, tuned = seed_run.recorded_model("clean"), seed_run.recorded_model("badnets")
+    assert tuned["spec"]["fine_tuned_from"] == clean["id"] and tuned["spec"]["backdoor"]["fine_tune"] == {"epochs": 3}
+    done = {c["attack"]: c for c in study.results()[0]}
+    assert done["badnets"]["model_summary"]["attack_success_rate"] > 0.5 and done["badnets"]["learnt"] is not None
+    again = Study(parse_config(raw), out, progress=False).run(report=False)
+    assert again.computed == [] and all(v == 0 for v in again.counts.values())
+
+    config = parse_config(raw)
+    tasks = model_tasks(config)
+    assert [waits_for(t, tasks, [], config) for t in tasks] == [False, True]  # badnets waits for the clean model
+    assert waits_for(tasks[1], [tasks[1]], [tasks[0]], config) and not waits_for(tasks[1], [tasks[1]], [], config)
+    raw["backdoors"]["badnets"]["fine_tune"] = {"epoch": 3}
+    with pytest.raises(ConfigError, match="backdoors.badnets.fine_tune.epoch"):
+        parse_config(raw)
+
+
 def test_the_grid_on_ray_gives_the_tables_of_the_local_run(study_run, tmp_path, ray_local):
     """Two Ray workers (a local instance on loopback), one task per model: the same cells, tables and analyses
     as the local run, and a local rerun reads the Ray run's artifacts."""

@@ -9,7 +9,10 @@ Layout of the file (every table but `[datasets.*]` is optional; see configs/digi
                             marked "attack not learnt" in the tables and left out of their means)
     [detectors.NAME]        settings of a detector of the registry (passed to make_detector)
     [backdoors.NAME]        trigger = registry name (default NAME); poison_rate (default: the dataset's);
-                            the other keys are the trigger's settings
+                            fine_tune (a table of TrainConfig fields: the poisoned model is the seed's clean
+                            model trained further on the poisoned data, with the dataset's training settings
+                            overridden by these; default: trained from scratch); the other keys are the
+                            trigger's settings
     [adversarial.NAME]      attack = registry name (default NAME); targeted = true attacks every source toward
                             each other class (the study's CW); the other keys are the attack's settings
     [analysis]              enabled, seed, n, strengths, mutants, embedding, layers
@@ -69,6 +72,8 @@ class AttackSpec:
     settings: dict[str, Any] = field(default_factory=dict)
     targeted: bool = False  # adversarial: toward each other class from every source
     poison_rate: float | None = None  # backdoor: overrides the dataset's poisoning rate
+    #: backdoor: TrainConfig fields of a poisoned fine-tuning of the seed's clean model (None: from scratch)
+    fine_tune: dict[str, Any] | None = None
 
     @property
     def model_key(self) -> str:
@@ -76,7 +81,11 @@ class AttackSpec:
         return self.name if self.kind == BACKDOOR else CLEAN_MODEL
 
     def describe(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The attack's record (fine_tune only when set, so records made before it existed still match)."""
+        record = dataclasses.asdict(self)
+        if self.fine_tune is None:
+            del record["fine_tune"]
+        return record
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,11 @@ class DatasetSpec:
     def attacks_on(self, model_key: str) -> tuple[AttackSpec, ...]:
         return tuple(a for a in self.attacks if a.model_key == model_key)
 
+    def fine_tuned(self, model_key: str) -> bool:
+        """Whether `model_key`'s model is the clean model fine-tuned on poisoned data."""
+        backdoor = self.backdoor_of(model_key)
+        return backdoor is not None and backdoor.fine_tune is not None
+
     def rate_of(self, backdoor: AttackSpec) -> float:
         """The poisoning rate of a backdoor: its own, else the dataset's."""
         return self.poison_rate if backdoor.poison_rate is None else backdoor.poison_rate
@@ -193,13 +207,16 @@ def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
     if method not in TRIGGERS:
         raise ConfigError(f"{where}.trigger: unknown trigger {method!r}; expected one of {', '.join(TRIGGERS)}")
     rate = read_float(table, "poison_rate", where, None, 0.0, 1.0)
-    settings = as_settings({k: v for k, v in table.items() if k not in ("trigger", "poison_rate")})
-    check_keys(settings, config_fields(TRIGGERS[method].config_type) | {"trigger", "poison_rate"}, where)
+    own = ("trigger", "poison_rate", "fine_tune")
+    settings = as_settings({k: v for k, v in table.items() if k not in own})
+    check_keys(settings, config_fields(TRIGGERS[method].config_type) | set(own), where)
     try:
         make_trigger(method, **settings)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    return AttackSpec(name, BACKDOOR, method, settings, poison_rate=rate)
+    tune = table.get("fine_tune")
+    tune = None if tune is None else _train(read_table(tune, f"{where}.fine_tune"), f"{where}.fine_tune")
+    return AttackSpec(name, BACKDOOR, method, settings, poison_rate=rate, fine_tune=tune)
 
 
 def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec:
@@ -227,7 +244,8 @@ def _with_overrides(spec: AttackSpec, overrides: dict[str, Any], where: str) -> 
     table = {**spec.settings, **overrides}
     if spec.kind == BACKDOOR:
         rate = {} if spec.poison_rate is None else {"poison_rate": spec.poison_rate}
-        return _backdoor(spec.name, {"trigger": spec.method, **rate, **table}, where)
+        tune = {} if spec.fine_tune is None else {"fine_tune": spec.fine_tune}
+        return _backdoor(spec.name, {"trigger": spec.method, **rate, **tune, **table}, where)
     return _adversarial(spec.name, {"attack": spec.method, "targeted": spec.targeted, **table}, where)
 
 
