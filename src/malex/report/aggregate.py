@@ -90,6 +90,8 @@ def shown(entry: dict[str, Any], key: str, digits: int = 3) -> str:
     when none was."""
     if entry.get("not_learnt") and not entry["seeds"]:
         return not_learnt_text(entry["not_learnt"], entry["asr_floor"])
+    if not math.isfinite(entry[key][0]):
+        return "–"
     return " ".join(filter(None, (fmt(*entry[key], digits=digits), learnt_note(entry))))
 
 
