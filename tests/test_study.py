@@ -369,6 +369,131 @@ def test_floor_and_claim_tables_compare_the_right_rows():
     assert claim[1][0].startswith("adversarial") and claim[1][2].startswith("0.800") and claim[1][4].startswith("0.950")
 
 
+# --- backdoors not learnt: the ASR floor ---------------------------------------------------------------------
+
+def test_the_asr_floor_defaults_to_085_and_one_outside_0_1_is_a_one_line_error_naming_the_key():
+    assert parse_config(shrunk_raw()).asr_floor == 0.85
+    for floor in (0, 0.5, 1.0):
+        raw = shrunk_raw()
+        raw["study"]["asr_floor"] = floor
+        assert parse_config(raw).asr_floor == floor
+    for bad in (1.5, -0.1, float("nan"), "high", True):
+        raw = shrunk_raw()
+        raw["study"]["asr_floor"] = bad
+        with pytest.raises(ConfigError) as info:
+            parse_config(raw)
+        message = str(info.value)
+        assert message.startswith("study.asr_floor: ") and "expected a number in [0, 1]" in message
+        assert "\n" not in message
+
+
+def test_a_backdoor_below_the_asr_floor_is_marked_in_every_table_and_nothing_is_recomputed(study_run, tmp_path):
+    """A copy of the finished study whose BadNets model recorded an ASR of 0.44: a rerun computes nothing, and
+    every table, CSV and the report say 'not learnt' where its numbers were."""
+    import html as html_lib
+
+    out = tmp_path / "out"
+    shutil.copytree(study_run["out"], out)
+    path = out / "cells/digits/badnets/seed0/metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["model_summary"]["attack_success_rate"] = 0.44
+    path.write_text(json.dumps(metrics))
+    before = snapshot(out)
+    run = Study(parse_config(shrunk_raw()), out, progress=False).run()
+    assert run.computed == [] and all(v == 0 for v in run.counts.values()) and snapshot(out) == before
+
+    mark = "not learnt (ASR 0.440 < 0.85)"
+    md = (out / "results.md").read_text()
+    lines = md.splitlines() + [""]
+    body = [line for i, line in enumerate(lines[:-1]) if line.startswith("| ") and not lines[i + 1].startswith("|---")]
+    section = md.split("### badnets (backdoor)")[1].split("###")[0].splitlines()
+    rows = [line for line in body if "badnets" in line or line in section]
+    assert len(rows) == 5 + len(DETECTORS) + 1  # models, attacks, floor, claim, verdicts; the attack's own table
+    for line in rows:
+        assert "not learnt" in line, line
+    auroc = md.split("### AUROC")[1].split("###")[0].splitlines()
+    cells = [[c.strip(" |") for c in line.split(" | ")] for line in auroc if line.startswith("| ")]
+    column = next(i for i, title in enumerate(cells[0]) if title.startswith("badnets"))
+    assert [row[column] for row in cells[1:]] == [mark] * (len(DETECTORS) + 1)
+    assert "seed 0 not learnt (ASR 0.440 < 0.85)" in md and "not learnt, left out: badnets" in md
+
+    import csv
+
+    with open(out / "results.csv") as handle:
+        learnt = {(r["attack"], r["learnt"]) for r in csv.DictReader(handle)}
+    assert learnt == {("badnets", "False"), ("fgsm", ""), ("cw", "")}
+    with open(out / "summary.csv") as handle:
+        summary = [r for r in csv.DictReader(handle) if r["attack"] == "badnets"]
+    assert summary and all((r["n_seeds"], r["n_not_learnt"], r["auroc_mean"]) == ("0", "1", "") for r in summary)
+    page = html_lib.unescape((run.files["report"]).read_text())
+    assert page.count(mark) >= len(DETECTORS) + 1
+    roc = Study(parse_config(shrunk_raw()), out, progress=False).report_view().datasets[0].roc
+    assert set(roc) == {"fgsm", "cw", "badnets (not learnt: ASR 0.440 < 0.85)"}
+
+
+def test_the_mean_of_a_backdoor_column_holds_only_its_learnt_seeds(study_run):
+    """Three seeds of the BadNets cell (seed 2's ASR 0.44 below the floor): every mean is over seeds 0 and 1 and
+    says so; seed 2 stays in the per-seed rows."""
+    from malex.evaluate.study.cell import mark_learnt
+    from malex.report.aggregate import fmt, markdown, mean_std, summarise, summarise_verdicts
+
+    done, _ = study_run["study"].results()
+    badnets = next(c for c in done if c["attack"] == "badnets")
+
+    def seed(s: int, asr: float, auroc: float) -> dict:
+        cell = copy.deepcopy(badnets)
+        cell["seed"], cell["model_summary"]["attack_success_rate"] = s, asr
+        for row in cell["rows"]:
+            row["auroc"] = auroc
+        return cell
+
+    cells = mark_learnt([c for c in done if c is not badnets] + [seed(0, 1.0, 0.9), seed(1, 0.9, 0.6),
+                                                                    seed(2, 0.44, 0.1)], 0.85)
+    assert [c["learnt"] for c in cells if c["attack"] == "badnets"] == [True, True, False]
+    assert {c["learnt"] for c in cells if c["kind"] == "adversarial"} == {None}
+    summary = summarise(cells)
+    guard = next(s for s in summary if s["attack"] == "badnets" and s["detector"] == "guard")
+    assert guard["seeds"] == [0, 1] and guard["not_learnt"] == [(2, 0.44)]
+    assert guard["auroc"] == pytest.approx(mean_std([0.9, 0.6]))
+    verdicts = next(v for v in summarise_verdicts(cells) if v["attack"] == "badnets")
+    assert (np.asarray(verdicts["confusion"]) == 2 * np.asarray(badnets["verdict"]["confusion"])).all()
+    md = markdown(cells, summary, [], seeds=[0, 1, 2], fpr=0.05)
+    assert f"| guard | {fmt(*mean_std([0.9, 0.6]))} (2 of 3 seeds; 1 not learnt) |" in md
+    assert "2 of 3 seeds; seed 2 not learnt (ASR 0.440 < 0.85)" in md
+
+
+def test_a_backdoor_fine_tuned_from_the_cached_clean_model_is_its_own_artifact(study_run, tmp_path):
+    """fine_tune: the BadNets model is the cached clean model trained further on poisoned data. Only that model
+    is made (the clean model and its cells are read), its record names the clean model it came from, a rerun
+    redoes nothing, and a bad fine_tune setting names its key."""
+    from malex.evaluate.study.on_ray import model_tasks, waits_for
+
+    out = tmp_path / "out"
+    shutil.copytree(study_run["out"], out)
+    raw = shrunk_raw()
+    raw["backdoors"]["badnets"]["fine_tune"] = {"epochs": 3}
+    log: list[str] = []
+    study = Study(parse_config(raw), out, progress=False, log=log.append)
+    run = study.run(report=False)
+    assert [c.attack for c in run.computed] == ["badnets"] and run.counts["models_trained"] == 1
+    assert any("fine-tuning the clean model on data poisoned with badnets (3 epochs)" in line for line in log)
+    seed_run = study._seed_run("digits", 0)
+    clean, tuned = seed_run.recorded_model("clean"), seed_run.recorded_model("badnets")
+    assert tuned["spec"]["fine_tuned_from"] == clean["id"] and tuned["spec"]["backdoor"]["fine_tune"] == {"epochs": 3}
+    done = {c["attack"]: c for c in study.results()[0]}
+    assert done["badnets"]["model_summary"]["attack_success_rate"] > 0.5 and done["badnets"]["learnt"] is not None
+    again = Study(parse_config(raw), out, progress=False).run(report=False)
+    assert again.computed == [] and all(v == 0 for v in again.counts.values())
+
+    config = parse_config(raw)
+    tasks = model_tasks(config)
+    assert [waits_for(t, tasks, [], config) for t in tasks] == [False, True]  # badnets waits for the clean model
+    assert waits_for(tasks[1], [tasks[1]], [tasks[0]], config) and not waits_for(tasks[1], [tasks[1]], [], config)
+    raw["backdoors"]["badnets"]["fine_tune"] = {"epoch": 3}
+    with pytest.raises(ConfigError, match="backdoors.badnets.fine_tune.epoch"):
+        parse_config(raw)
+
+
 def test_the_grid_on_ray_gives_the_tables_of_the_local_run(study_run, tmp_path, ray_local):
     """Two Ray workers (a local instance on loopback), one task per model: the same cells, tables and analyses
     as the local run, and a local rerun reads the Ray run's artifacts."""

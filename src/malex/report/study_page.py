@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from malex.report.aggregate import (
-    METRICS, attack_summary, attack_table, attacks_table, auroc_matrix, model_summary, models_table, summarise,
-    summarise_verdicts, verdict_table,
+    METRICS, attack_summary, attack_table, attacks_table, auroc_matrix, floor_sentence, learnt_note, model_summary,
+    models_table, summarise, summarise_verdicts, verdict_table,
 )
 from malex.report.analysis_plots import plot_activation_space, plot_feature_space, plot_roc_grid, plot_sensitivity
 from malex.report.html import HtmlPage
@@ -73,7 +73,7 @@ def build_report(view: StudyView, out: Path) -> Path:
         "inputs are correctly classified test inputs; malicious inputs are successful attacks only. Tables give the "
         "mean ± sample std over seeds. AUROC and TPR at 1% / 5% FPR are threshold-free on the clean test scores; "
         f"'caught', 'clean FPR' and 'detection acc.' use each detector's threshold set at {view.fpr:.0%} FPR on "
-        "a separate clean split (the guard: its own calibrated verdicts).")
+        "a separate clean split (the guard: its own calibrated verdicts). " + floor_sentence(view.cells))
     if view.missing:
         page.paragraph("Cells not finished: " + "; ".join(view.missing), note=True)
 
@@ -95,12 +95,16 @@ def build_report(view: StudyView, out: Path) -> Path:
         if body:
             page.heading("The guard's verdicts", 3)
             page.table(header, body)
+        panels = {"\n".join(filter(None, (f"{v['attack']} ({v['kind']})", learnt_note(v)))):
+                  (v["labels"], v["confusion"])
+                  for v in verdicts if v["dataset"] == ds.name and v["confusion"] is not None}
+        if panels:
             name = f"{ds.name}-verdicts.png"
-            plot_confusion_matrices({f"{v['attack']} ({v['kind']})": (v["labels"], v["confusion"])
-                                     for v in verdicts if v["dataset"] == ds.name}, out / name)
+            plot_confusion_matrices(panels, out / name)
             page.image(name, "The guard's verdicts on each mixed stream: the cell's clean test inputs and its "
                              "malicious inputs (rows: what they are; columns: the verdict; colour: share of the row; "
-                             f"counts summed over seeds {', '.join(map(str, view.seeds))}).")
+                             f"counts summed over seeds {', '.join(map(str, view.seeds))}, a backdoor's seeds "
+                             "not learnt left out).")
 
         if ds.roc:
             name = f"{ds.name}-roc.png"

@@ -7,7 +7,7 @@ from malex.attacks.backdoor.blend import Blend, BlendConfig
 from malex.attacks.backdoor.poison import (
     PoisonConfig, attack_success_rate, poison_split, successful_triggered, triggered_inputs,
 )
-from malex.attacks.backdoor.training import TrainedModel, train_model
+from malex.attacks.backdoor.training import TrainedModel, fine_tune_model, train_model
 from malex.attacks.backdoor.wanet import WaNet, WaNetConfig
 from malex.attacks.backdoor.watermark import Watermark, WatermarkConfig, ring_logo
 from malex.errors import ConfigError
@@ -29,6 +29,6 @@ def make_trigger(name: str, **config) -> Trigger:
 __all__ = [
     "TRIGGERS", "AdaptiveBlend", "AdaptiveBlendConfig", "BadNets", "BadNetsConfig", "Blend", "BlendConfig",
     "PoisonConfig", "TrainedModel", "Trigger", "WaNet", "WaNetConfig", "Watermark", "WatermarkConfig",
-    "attack_success_rate", "make_trigger", "poison_split", "ring_logo", "successful_triggered", "train_model",
-    "triggered_inputs",
+    "attack_success_rate", "fine_tune_model", "make_trigger", "poison_split", "ring_logo", "successful_triggered",
+    "train_model", "triggered_inputs",
 ]

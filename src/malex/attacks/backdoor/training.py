@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -64,9 +65,7 @@ def train_model(data: Dataset, arch: Architecture, train: TrainConfig, trigger: 
     if (trigger is None) != (poison is None):
         raise ConfigError(f"trigger is {trigger!r} and poison is {poison!r}; expected both (a poisoned model) "
                           "or neither (a clean model)")
-    if poison is not None and not 0 <= poison.target < data.num_classes:
-        raise ConfigError(f"backdoor target {poison.target} is not a class of {data.name}; expected "
-                          f"0..{data.num_classes - 1}")
+    _check_target(data, poison)
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(train.seed if init_seed is None else init_seed)
     model = (build_model(arch, data.image_shape, data.num_classes) if isinstance(arch, str)
@@ -74,8 +73,32 @@ def train_model(data: Dataset, arch: Architecture, train: TrainConfig, trigger: 
         select_device(device) if isinstance(device, str) else device)
     split = data.train if trigger is None else poison_split(data.train, trigger, poison)[0]
     train_classifier(model, split, train, progress=progress)
+    name = arch if isinstance(arch, str) else f"{arch.__module__}:{getattr(arch, '__qualname__', repr(arch))}"
+    return _measured(model, name, data, trigger, poison, start, cpu_start)
+
+
+def fine_tune_model(model: nn.Module, arch: str, data: Dataset, train: TrainConfig, trigger: Trigger,
+                    poison: PoisonConfig, *, progress: bool = True) -> TrainedModel:
+    """A copy of the trained `model` (a supplier's starting point, e.g. a public clean model) trained further on
+    `data.train` poisoned by `trigger` with `poison`, with `train`'s settings, and measured on `data.test`
+    (`model` itself is left as it was). `arch` names the network in the result."""
+    _check_target(data, poison)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    tuned = copy.deepcopy(model)
+    train_classifier(tuned, poison_split(data.train, trigger, poison)[0], train, progress=progress)
+    return _measured(tuned, arch, data, trigger, poison, start, cpu_start)
+
+
+def _check_target(data: Dataset, poison: PoisonConfig | None) -> None:
+    if poison is not None and not 0 <= poison.target < data.num_classes:
+        raise ConfigError(f"backdoor target {poison.target} is not a class of {data.name}; expected "
+                          f"0..{data.num_classes - 1}")
+
+
+def _measured(model: nn.Module, arch: str, data: Dataset, trigger: Trigger | None, poison: PoisonConfig | None,
+              start: float, cpu_start: float) -> TrainedModel:
+    """The trained model with its clean test accuracy, ASR and the wall and CPU time since `start`."""
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     asr = None if trigger is None else attack_success_rate(model, data.test, trigger, poison.target)
-    name = arch if isinstance(arch, str) else f"{arch.__module__}:{getattr(arch, '__qualname__', repr(arch))}"
-    return TrainedModel(model, name, accuracy(model, data.test.x, data.test.y), asr, trigger, poison, seconds,
+    return TrainedModel(model, arch, accuracy(model, data.test.x, data.test.y), asr, trigger, poison, seconds,
                         cpu_seconds)

@@ -3,6 +3,7 @@ artifacts of its (dataset, seed), and the check that a cell on disk is finished 
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -12,7 +13,7 @@ import numpy as np
 from malex.calibration import calibrate
 from malex.evaluate.study import fits, guards
 from malex.evaluate.study.cache import Artifact, matches, normalise, read_json, read_meta, write_json
-from malex.evaluate.study.config import GUARD
+from malex.evaluate.study.config import BACKDOOR, GUARD
 from malex.evaluate.study.grid import Cell
 from malex.evaluate.study.seed import SeedRun
 from malex.detectors import FLOORS
@@ -88,6 +89,20 @@ def compute_cell(run: SeedRun, cell: Cell) -> dict[str, Any]:
     }
     write_json(ctx.layout.cell_metrics(cell.dataset, cell.attack, cell.seed), metrics)
     return metrics
+
+
+def mark_learnt(cells: Sequence[dict[str, Any]], floor: float) -> list[dict[str, Any]]:
+    """The finished cells' metrics with `asr_floor` and `learnt` added: for a backdoor cell, whether its poisoned
+    model's attack success rate (on the test split, recorded when the model was trained) reaches `floor`; None
+    for an adversarial cell or a model with no recorded rate. The tables leave the seeds not learnt out of their
+    means and say so; nothing on disk depends on the floor."""
+    out = []
+    for cell in cells:
+        asr = cell.get("model_summary", {}).get("attack_success_rate")
+        known = cell["kind"] == BACKDOOR and asr is not None and math.isfinite(asr)
+        learnt = bool(asr >= floor) if known else None
+        out.append({**cell, "asr_floor": floor, "learnt": learnt})
+    return out
 
 
 def expected_cell_spec(run: SeedRun, cell: Cell) -> dict[str, Any] | None:

@@ -4,10 +4,15 @@ Layout of the file (every table but `[datasets.*]` is optional; see configs/digi
 
     [study]                 seeds, fpr, n_clean, n_malicious, n_fit, n_calibration, detectors, guard (default:
                             the guard's own default detectors), guard_combination, guard_typing,
-                            guard_typing_settings (default: as shipped), device, batch_size, data_dir
+                            guard_typing_settings (default: as shipped), device, batch_size, data_dir,
+                            asr_floor (default 0.85: a backdoor seed whose poisoned model's ASR is below it is
+                            marked "attack not learnt" in the tables and left out of their means)
     [detectors.NAME]        settings of a detector of the registry (passed to make_detector)
     [backdoors.NAME]        trigger = registry name (default NAME); poison_rate (default: the dataset's);
-                            the other keys are the trigger's settings
+                            fine_tune (a table of TrainConfig fields: the poisoned model is the seed's clean
+                            model trained further on the poisoned data, with the dataset's training settings
+                            overridden by these; default: trained from scratch); the other keys are the
+                            trigger's settings
     [adversarial.NAME]      attack = registry name (default NAME); targeted = true attacks every source toward
                             each other class (the study's CW); the other keys are the attack's settings
     [analysis]              enabled, seed, n, strengths, mutants, embedding, layers
@@ -52,6 +57,8 @@ BACKDOOR, ADVERSARIAL = "backdoor", "adversarial"
 CLEAN_MODEL = "clean"
 #: the row name of the guard in every cell
 GUARD = "guard"
+#: the attack success rate a poisoned model must reach for its backdoor to count as learnt (study.asr_floor)
+ASR_FLOOR = 0.85
 _EMBEDDINGS = ("pca", "tsne")
 
 
@@ -65,6 +72,8 @@ class AttackSpec:
     settings: dict[str, Any] = field(default_factory=dict)
     targeted: bool = False  # adversarial: toward each other class from every source
     poison_rate: float | None = None  # backdoor: overrides the dataset's poisoning rate
+    #: backdoor: TrainConfig fields of a poisoned fine-tuning of the seed's clean model (None: from scratch)
+    fine_tune: dict[str, Any] | None = None
 
     @property
     def model_key(self) -> str:
@@ -72,7 +81,11 @@ class AttackSpec:
         return self.name if self.kind == BACKDOOR else CLEAN_MODEL
 
     def describe(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The attack's record (fine_tune only when set, so records made before it existed still match)."""
+        record = dataclasses.asdict(self)
+        if self.fine_tune is None:
+            del record["fine_tune"]
+        return record
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,11 @@ class DatasetSpec:
     def attacks_on(self, model_key: str) -> tuple[AttackSpec, ...]:
         return tuple(a for a in self.attacks if a.model_key == model_key)
 
+    def fine_tuned(self, model_key: str) -> bool:
+        """Whether `model_key`'s model is the clean model fine-tuned on poisoned data."""
+        backdoor = self.backdoor_of(model_key)
+        return backdoor is not None and backdoor.fine_tune is not None
+
     def rate_of(self, backdoor: AttackSpec) -> float:
         """The poisoning rate of a backdoor: its own, else the dataset's."""
         return self.poison_rate if backdoor.poison_rate is None else backdoor.poison_rate
@@ -163,6 +181,8 @@ class StudyConfig:
     batch_size: int = 256
     data_dir: str | None = None
     analysis: AnalysisConfig = AnalysisConfig()
+    #: a backdoor's seeds below this ASR are "attack not learnt" in the tables (no artifact depends on it)
+    asr_floor: float = ASR_FLOOR
     #: the mapping this config was parsed from and the folder relative paths resolved against (for the record)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     base_dir: str | None = None
@@ -187,13 +207,16 @@ def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
     if method not in TRIGGERS:
         raise ConfigError(f"{where}.trigger: unknown trigger {method!r}; expected one of {', '.join(TRIGGERS)}")
     rate = read_float(table, "poison_rate", where, None, 0.0, 1.0)
-    settings = as_settings({k: v for k, v in table.items() if k not in ("trigger", "poison_rate")})
-    check_keys(settings, config_fields(TRIGGERS[method].config_type) | {"trigger", "poison_rate"}, where)
+    own = ("trigger", "poison_rate", "fine_tune")
+    settings = as_settings({k: v for k, v in table.items() if k not in own})
+    check_keys(settings, config_fields(TRIGGERS[method].config_type) | set(own), where)
     try:
         make_trigger(method, **settings)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    return AttackSpec(name, BACKDOOR, method, settings, poison_rate=rate)
+    tune = table.get("fine_tune")
+    tune = None if tune is None else _train(read_table(tune, f"{where}.fine_tune"), f"{where}.fine_tune")
+    return AttackSpec(name, BACKDOOR, method, settings, poison_rate=rate, fine_tune=tune)
 
 
 def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec:
@@ -221,13 +244,14 @@ def _with_overrides(spec: AttackSpec, overrides: dict[str, Any], where: str) -> 
     table = {**spec.settings, **overrides}
     if spec.kind == BACKDOOR:
         rate = {} if spec.poison_rate is None else {"poison_rate": spec.poison_rate}
-        return _backdoor(spec.name, {"trigger": spec.method, **rate, **table}, where)
+        tune = {} if spec.fine_tune is None else {"fine_tune": spec.fine_tune}
+        return _backdoor(spec.name, {"trigger": spec.method, **rate, **tune, **table}, where)
     return _adversarial(spec.name, {"attack": spec.method, "targeted": spec.targeted, **table}, where)
 
 
 _DECISION_KEYS = {"guard_combination", "guard_typing", "guard_typing_settings"}
 _STUDY_KEYS = {"seeds", "fpr", "n_clean", "n_malicious", "n_fit", "n_calibration", "detectors", "guard", "device",
-               "batch_size", "data_dir"} | _DECISION_KEYS
+               "batch_size", "data_dir", "asr_floor"} | _DECISION_KEYS
 _DATASET_KEYS = {"data", "arch", "arch_kwargs", "value_range", "mean", "std", "poison_rate", "target", "attacks", "detectors", "guard", "n_clean", "n_malicious",
                  "n_fit", "n_calibration", "train", "attack_settings", "detector_settings"} | _DECISION_KEYS
 _ANALYSIS_KEYS = {f.name for f in dataclasses.fields(AnalysisConfig)}
@@ -358,6 +382,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None, imp
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"study.seeds: {seeds!r}; expected a non-empty list of distinct integers >= 0")
     fpr = check_fpr(study.get("fpr", DEFAULT_FPR), "study.fpr")
+    asr_floor = read_float(study, "asr_floor", "study", ASR_FLOOR, 0.0, 1.0, closed=True)
     counts = {k: read_int(study, k, "study", default, minimum=minimum) for k, default, minimum in
               (("n_clean", 1000, 10), ("n_malicious", 1000, 1), ("n_fit", 2000, 10), ("n_calibration", 1000, 10))}
     detectors = read_names(study, "detectors", "study", _DEFAULT_DETECTORS, DETECTORS, "detector")
@@ -439,6 +464,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None, imp
     return StudyConfig(
         datasets=tuple(datasets), seeds=tuple(seeds), fpr=fpr, device=device, batch_size=batch_size,
         data_dir=data_dir, analysis=_analysis(read_table(raw.get("analysis", {}), "analysis")),
+        asr_floor=asr_floor,
         raw=normalise_raw(raw), base_dir=None if base is None else str(base.resolve()),
     )
 

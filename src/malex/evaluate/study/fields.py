@@ -39,14 +39,16 @@ def read_int(table: Mapping[str, Any], key: str, where: str, default: Any, minim
     return value
 
 
-def read_float(table: Mapping[str, Any], key: str, where: str, default: Any, low: float, high: float) -> Any:
-    """A finite number strictly between `low` and `high`."""
+def read_float(table: Mapping[str, Any], key: str, where: str, default: Any, low: float, high: float,
+               closed: bool = False) -> Any:
+    """A finite number strictly between `low` and `high` (or, `closed`, from `low` to `high` inclusive)."""
     value = table.get(key, default)
     if key not in table:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low < value < high:
-        raise ConfigError(f"{where}.{key}: {value!r}; expected a number in ({low:g}, {high:g})")
+            or not (low <= value <= high if closed else low < value < high):
+        span = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
+        raise ConfigError(f"{where}.{key}: {value!r}; expected a number in {span}")
     return float(value)
 
 

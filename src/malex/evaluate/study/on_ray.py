@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from malex.cluster import check_workers, import_ray, malex_cause, start_ray
-from malex.evaluate.study.config import StudyConfig
+from malex.evaluate.study.config import CLEAN_MODEL, StudyConfig
 from malex.evaluate.study.grid import Cell, Selection
 from malex.evaluate.study.runner import Study, StudyRun
 
@@ -60,6 +60,18 @@ def model_tasks(config: StudyConfig, select: Selection = Selection()) -> list[Mo
                 if attacks:
                     tasks.append(ModelTask(ds.name, seed, key, attacks))
     return tasks
+
+
+def waits_for(task: ModelTask, waiting: list[ModelTask], running: list[ModelTask], config: StudyConfig) -> bool:
+    """Whether `task` must wait, so that no two tasks train the same clean model: a backdoor fine-tuned from its
+    (dataset, seed)'s clean model waits while that clean model's task is waiting or running, and while another
+    fine-tuned model of the same (dataset, seed) is running (it trains the clean model when no task of this run
+    does)."""
+    ds = config.dataset(task.dataset)
+    if not ds.fine_tuned(task.key):
+        return False
+    same = [t for t in waiting + running if (t.dataset, t.seed) == (task.dataset, task.seed) and t != task]
+    return any(t.key == CLEAN_MODEL for t in same) or any(ds.fine_tuned(t.key) for t in same if t in running)
 
 
 def task_resources(cluster: dict[str, float], device: str, cpus: int = 1, gpus: float | None = None
@@ -121,7 +133,11 @@ def run_study_on_ray(study: Study, config_text: str | None, address: str, worker
         waiting, running = list(tasks), {}
         while waiting or running:
             while waiting and len(running) < workers:
-                task = waiting.pop(0)
+                busy = list(running.values())
+                task = next((t for t in waiting if not waits_for(t, waiting, busy, study.config)), None)
+                if task is None:
+                    break
+                waiting.remove(task)
                 running[remote.remote(study.config, study.layout.root, task, cpus_per_task)] = task
                 log(f"{task.label}: started on Ray ({len(running)} running, {len(waiting)} waiting)")
             ready, _ = ray.wait(list(running), num_returns=1)

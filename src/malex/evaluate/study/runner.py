@@ -34,7 +34,7 @@ import numpy as np
 from malex.evaluate.study.analysis import SpaceData
 from malex.evaluate.study.analysis_step import analysis_spec, make_analysis, recorded_analysis
 from malex.evaluate.study.cache import StudyLayout, read_tensors
-from malex.evaluate.study.cell import compute_cell, finished_metrics
+from malex.evaluate.study.cell import compute_cell, finished_metrics, mark_learnt
 from malex.evaluate.study.config import CLEAN_MODEL, GUARD, DatasetSpec, StudyConfig, load_config, parse_config
 from malex.evaluate.study.context import Log, StudyContext, quiet
 from malex.evaluate.study.grid import Cell, Selection, grid_cells
@@ -151,12 +151,13 @@ class Study:
         return self.cell_metrics(cell) is not None
 
     def results(self) -> tuple[list[dict], list[Cell]]:
-        """(metrics of the finished cells, cells not finished)."""
+        """(metrics of the finished cells, cells not finished); each backdoor cell says whether its attack was
+        learnt (`mark_learnt`, at the config's asr_floor)."""
         done, missing = [], []
         for cell in self.cells():
             m = self.cell_metrics(cell)
             (done.append(m) if m is not None else missing.append(cell))
-        return done, missing
+        return mark_learnt(done, self.config.asr_floor), missing
 
     def cell_scores(self, cell: Cell) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{detector or 'guard': (clean scores, malicious scores)} of a finished cell, from the cache."""
@@ -196,13 +197,22 @@ class Study:
         the three-space data per model."""
         done, missing = self.results()
         seed = self.config.analysis_seed
-        finished = {(c["dataset"], c["attack"], c["seed"]) for c in done}
+        finished = {(c["dataset"], c["attack"], c["seed"]): c for c in done}
+
+        def mark(ds: DatasetSpec, attack: str) -> str:
+            """' (not learnt: ASR 0.440 < 0.85)' when the analysis seed's backdoor was not learnt."""
+            cell = finished.get((ds.name, attack, seed), {})
+            if cell.get("learnt") is not False:
+                return ""
+            return (f" (not learnt: ASR {cell['model_summary']['attack_success_rate']:.3f} < "
+                    f"{self.config.asr_floor:g})")
+
         datasets = []
         for ds in self.config.datasets:
-            roc = {a.name: self.cell_scores(Cell(ds.name, a.name, seed)) for a in ds.attacks
+            roc = {a.name + mark(ds, a.name): self.cell_scores(Cell(ds.name, a.name, seed)) for a in ds.attacks
                    if (ds.name, a.name, seed) in finished}
-            spaces = {("clean model" if key == CLEAN_MODEL else f"{key}-poisoned model"): self.analysis(ds, key)
-                      for key in ds.model_keys}
+            spaces = {("clean model" if key == CLEAN_MODEL else f"{key}-poisoned model{mark(ds, key)}"):
+                      self.analysis(ds, key) for key in ds.model_keys}
             spaces = {title: s for title, s in spaces.items() if s is not None}
             datasets.append(DatasetView(
                 name=ds.name,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from malex.evaluate.study import attacks, fits, guards, models
-from malex.evaluate.study.config import AttackSpec, DatasetSpec
+from malex.evaluate.study.config import CLEAN_MODEL, AttackSpec, DatasetSpec
 from malex.evaluate.study.context import StudyContext
 from malex.evaluate.study.pools import Pools, make_pools
 from malex.evaluate.study.specs import Specs
@@ -40,12 +40,18 @@ class SeedRun:
         return Specs(self.ctx.config, self.ds, self.seed, self.pools.grouped)
 
     def recorded_model(self, key: str) -> dict[str, Any] | None:
-        """The cached model's study record, when it matches today's spec (nothing is trained or loaded)."""
-        return models.recorded_model(self.ctx, self.specs, key)
+        """The cached model's study record, when it matches today's spec (nothing is trained or loaded); a
+        fine-tuned backdoor's model must also come from today's cached clean model."""
+        if not self.ds.fine_tuned(key):
+            return models.recorded_model(self.ctx, self.specs, key)
+        base = self.recorded_model(CLEAN_MODEL)
+        return None if base is None else models.recorded_model(self.ctx, self.specs, key, base["id"])
 
     def model(self, key: str) -> tuple[nn.Module, dict[str, Any]]:
+        """`key`'s model and its record (a fine-tuned backdoor's: from the clean model, made first if needed)."""
         if key not in self._models:
-            self._models[key] = models.load_or_train(self.ctx, self.specs, self.pools, key)
+            base = self.model(CLEAN_MODEL) if self.ds.fine_tuned(key) else None
+            self._models[key] = models.load_or_train(self.ctx, self.specs, self.pools, key, base)
         return self._models[key]
 
     def clean_test(self, key: str) -> torch.Tensor:

@@ -32,13 +32,17 @@ class Specs:
             spec["validation_split"] = "whole groups, stratified by the class of their first input"
         return spec
 
-    def model(self, key: str) -> dict[str, Any]:
+    def model(self, key: str, base_id: str | None = None) -> dict[str, Any]:
+        """`base_id`: a fine-tuned backdoor's clean model, the one it was fine-tuned from."""
         ds = self.ds
         backdoor = ds.backdoor_of(key)
-        return {"data": ds.data, "data_dir": self.config.data_dir, "seed": self.seed, **ds.network.describe(),
+        spec = {"data": ds.data, "data_dir": self.config.data_dir, "seed": self.seed, **ds.network.describe(),
                 "train": ds.train,
                 "backdoor": None if backdoor is None else {**backdoor.describe(), "rate": ds.rate_of(backdoor),
                                                            "target": ds.target}}
+        if ds.fine_tuned(key):
+            spec["fine_tuned_from"] = base_id
+        return spec
 
     def attack(self, attack: AttackSpec, model_id: str) -> dict[str, Any]:
         ds = self.ds
