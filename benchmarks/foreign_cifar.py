@@ -149,7 +149,8 @@ def main() -> None:
         a, b = guard.screen(clean), guard.screen(malicious)
         torch.set_num_threads(1)
         batch = clean[:256]
-        ratio = median_seconds(lambda: guard.screen(batch)) / median_seconds(lambda: predict_logits(model, batch, 256))
+        ratio = (median_seconds(lambda: guard.screen(batch), 5)
+                 / median_seconds(lambda: predict_logits(model, batch, 256), 5))
         torch.set_num_threads(2)
         per_detector = [f"{auroc(a.scores[d], b.scores[d]):.3f}" for d in guard.detectors]
         lines.append(f"| {name} | {attack} | {len(clean)} / {len(malicious)} | {fit_s:.1f} | {ratio:.2f}x | "
