@@ -114,6 +114,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the tables here (Markdown)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                    help="which models to train (or read from the cache) and measure")
+    p.add_argument("--bd-head-only", action="store_true",
+                   help="mutation_bd fuzzes the dense head even when it is one dense layer (the behaviour before "
+                        "through_last_conv), for a before/after on the same models")
     args = p.parse_args()
     data = load_dataset("cifar10", seed=0)
     fit_idx, cal_idx = split_keeping_groups(data.val.y, data.val.groups, (0.5, 0.5), 0)
@@ -144,7 +147,8 @@ def main() -> None:
             malicious = successful_triggered(model, sources, trigger, 0, limit=1000).x
         torch.set_num_threads(2)
         t0 = time.perf_counter()
-        guard = Guard(model, GuardConfig(seed=0, progress=False)).fit(fit_x, fit_y)
+        settings = {"mutation_bd": {"through_last_conv": False}} if args.bd_head_only else {}
+        guard = Guard(model, GuardConfig(seed=0, progress=False, settings=settings)).fit(fit_x, fit_y)
         fit_s = time.perf_counter() - t0
         a, b = guard.screen(clean), guard.screen(malicious)
         torch.set_num_threads(1)
