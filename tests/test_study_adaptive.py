@@ -46,6 +46,8 @@ def test_the_table_gives_attacker_success_per_budget_and_target(adaptive_run):
         assert r["n"] == "20"
         success, fooled, flagged = float(r["success"]), float(r["fooled"]), float(r["flagged"])
         assert success <= fooled and success <= 1.0 - flagged + 1e-9
+        # aimed at a member, the example is screened by the whole guard too
+        assert (r["guard_success"] == "") == (r["target"] == "guard")
     md = (out / "results.md").read_text()
     assert "## Adaptive attacks: attacker success" in md and "### digits / apgd (adaptive_pgd)" in md
     for target in ["guard", *GUARD]:

@@ -159,7 +159,7 @@ def adaptive_rows(run: SeedRun, spec: AdaptiveSpec, make: bool = True) -> list[d
                    "scale": scale, "eps": eps, "target": target, "n": int(len(mine["fooled"])),
                    **_shares("plain_", plain, target), **_shares("", mine, target),
                    "guard_success": (_shares("", mine, GUARD_TARGET)["success"]
-                                     if target != GUARD_TARGET and FLAGGED + GUARD_TARGET in mine else math.nan)}
+                                     if target != GUARD_TARGET and planned.aim is not None else math.nan)}
             rows.append(row)
     return rows
 
