@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from malex.atomic import atomic_write_bytes  # noqa: E402
 from malex.report.aggregate import _csv_text, _ordered, fmt, markdown_table, mean_std  # noqa: E402
+from malex.report.analysis_plots import _save  # noqa: E402
 
 #: the per-seed CSV's columns (adaptive.csv)
 CSV_FIELDS = ("dataset", "attack", "method", "seed", "scale", "eps", "target", "n", "success", "fooled", "flagged",
@@ -89,7 +90,6 @@ def adaptive_markdown(summary: Sequence[dict[str, Any]], missing: Sequence[str] 
 def plot_attacker_success(summary: Sequence[dict[str, Any]], dataset: str, path: str | Path) -> Path:
     """One panel per adaptive attack of `dataset`: attacker success against the budget (eps), one colour per
     target, the adaptive attack solid and plain PGD dashed, error bars the std over seeds."""
-    path = Path(path)
     attacks = attacks_of(summary, dataset)
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 3.8), squeeze=False)
     for ax, (attack, method) in zip(axes[0], attacks):
@@ -107,7 +107,4 @@ def plot_attacker_success(summary: Sequence[dict[str, Any]], dataset: str, path:
         ax.set_xlabel("budget (Linf eps)")
         ax.set_ylabel("attacker success")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
