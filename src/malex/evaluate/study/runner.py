@@ -19,7 +19,8 @@ trained once and cached. The protocol of the study, per cell:
 Fitted detectors (their state, calibration and clean scores) are cached per model, so a new attack only
 scores its inputs. Every artifact records the ids of what it was made from (specs.py, cache.py): a changed
 setting or a damaged file redoes what depends on it, and nothing else. This module orders the work; the
-pieces are grid.py (cells), seed.py (one dataset and seed's artifacts), cell.py (a cell's metrics) and
+pieces are grid.py (cells), seed.py (one dataset and seed's artifacts), cell.py (a cell's metrics),
+adaptive.py (the adaptive attacks against each (dataset, seed)'s guard, run after the cells; not grid cells) and
 analysis_step.py; the tables and the report are drawn by malex.report from the plain results.
 """
 
@@ -84,7 +85,7 @@ class Study:
         return grid_cells(self.config)
 
     def run(self, config_text: str | None = None, report: bool = True, select: Selection = Selection()) -> StudyRun:
-        """Compute every unfinished cell (of `select` only, when given), then the analysis (of the models whose
+        """Compute every unfinished cell (of `select` only, when given), then the adaptive attacks, the analysis (of the models whose
         attacks are all crafted, when only part of the grid was selected), the tables and (optionally) the
         report, both over the whole grid.
         `config_text`: the TOML the config came from, kept in the folder as study.toml."""
