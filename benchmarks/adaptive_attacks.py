@@ -38,7 +38,7 @@ import torch
 from malex.attacks.adversarial import make_adversarial
 from malex.data import load_dataset
 from malex.guard import Guard, GuardConfig
-from malex.guard.guard import calibrate_guard
+from malex.guard.adaptive import outcome, plain_pgd, targets as aim_targets
 from malex.guard.surrogate import GuardEvidence, gradient_check, rank_agreement
 from malex.models.inference import predict
 from malex.progress import track
@@ -50,34 +50,6 @@ ADAPTIVE = ("adaptive_pgd", "orthogonal_pgd")
 N_FIT = 3000  # as many as the study's fit and calibration pools together (the guard splits them 60/40)
 
 
-def plain_pgd(eps: float):
-    """The study's PGD-Linf (eps 0.3: 40 steps of 0.01), its step scaled with eps."""
-    return make_adversarial("pgd", eps=eps, alpha=eps / 30, steps=40)
-
-
-def member_guard(guard: Guard, name: str) -> Guard:
-    """The guard's member `name` alone as a one-detector guard: the same fitted detector and clean calibration
-    scores, its own threshold at the same FPR (what fitting that guard alone on the same inputs and seed gives,
-    without fitting the detector again)."""
-    alone = Guard(guard.model, GuardConfig(detectors=(name,), settings={k: v for k, v in guard.config.settings.items()
-                                                                        if k == name},
-                                           fpr=guard.config.fpr, seed=guard.config.seed, progress=False))
-    alone.detectors = {name: guard.detectors[name]}
-    alone.calibration_scores_ = {name: guard.calibration_scores_[name]}
-    alone.threshold_ = calibrate_guard(alone.calibration_scores_, guard.config.fpr)
-    return alone
-
-
-def outcome(guard: Guard, result) -> dict:
-    """Fooled, flagged and attacker-success rates of one attack run under one guard, its time and mean L2 / Linf
-    perturbation over the fooled inputs."""
-    flagged = guard.screen(result.x_adv).flagged
-    fooled = result.success.numpy()
-    return {"fooled": float(fooled.mean()), "flagged": float(flagged.mean()),
-            "attacker_success": float((fooled & ~flagged).mean()), "seconds": float(result.seconds),
-            "mean_l2": result.mean_l2, "mean_linf": result.mean_linf}
-
-
 def run_seed(seed: int, n: int) -> dict:
     """Every measurement of one seed, as plain data."""
     torch.manual_seed(seed)
@@ -86,7 +58,7 @@ def run_seed(seed: int, n: int) -> dict:
     fit_x, fit_y = data.val.x[:N_FIT], data.val.y[:N_FIT]
     guard = Guard(model, GuardConfig(seed=seed, progress=False)).fit(fit_x, fit_y)
     members = list(guard.detectors)
-    targets = {"guard": guard, **{name: member_guard(guard, name) for name in members}}
+    targets = aim_targets(guard, ["guard", *members])
     evidence = {name: GuardEvidence(t) for name, t in targets.items()}
 
     order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(seed))

@@ -262,7 +262,7 @@ def test_output_folder_of_something_else_is_refused(tmp_path):
     (lambda r: r["backdoors"]["badnets"].update(trigger="nope"), "backdoors.badnets.trigger"),
     (lambda r: r["adversarial"]["cw"].update(stepz=3), "adversarial.cw.stepz"),
     (lambda r: r["adversarial"]["cw"].update(confidence=-1.0), "adversarial.cw"),
-    (lambda r: r["adversarial"]["cw"].update(attack="adaptive_pgd"), "adversarial.cw.attack"),
+    (lambda r: r["adversarial"]["cw"].update(attack="adaptive_cw"), "adversarial.cw.attack"),
     (lambda r: r.update(detectors={"msp": {"temperature": 0.0}}), "detectors.msp"),
     (lambda r: r.update(detectors={"msp": {"temprature": 1.0}}), "detectors.msp"),
     (lambda r: r["analysis"].update(embedding="umap"), "analysis.embedding"),

@@ -292,6 +292,22 @@ class Guard:
         if self.calibration_scores_ is None or self.threshold_ is None:
             raise NotFittedError("the guard is not fitted; call fit() on clean inputs or Guard.load() a saved one")
 
+    def member(self, name: str) -> "Guard":
+        """The fitted member `name` alone as a one-detector guard: the same fitted detector and clean calibration
+        scores, its own threshold at the same FPR (what fitting that guard alone on the same inputs and seed
+        gives, without fitting the detector again). Fisher's rule: with one p-value every rule flags the same."""
+        self.check_fitted()
+        if name not in self.detectors:
+            raise ConfigError(f"the guard has no member {name!r}; expected one of {', '.join(self.detectors)}")
+        settings = {k: v for k, v in self.config.settings.items() if k == name}
+        alone = Guard(self.model, replace(self.config, detectors=(name,), settings=settings, progress=False,
+                                          combination=DEFAULT_COMBINATION, typing=EVIDENCE, typing_settings={}))
+        alone.detectors = {name: self.detectors[name]}
+        alone.probe = joint_probe(self.model, alone.detectors)
+        alone.calibration_scores_ = {name: self.calibration_scores_[name]}
+        alone.threshold_ = calibrate_guard(alone.calibration_scores_, self.config.fpr)
+        return alone
+
     def _pvalues(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: tail_pvalues(self.calibration_scores_[k], v) for k, v in scores.items()}
 

@@ -153,6 +153,15 @@ def mutation_score(det: ModelMutation, config: SurrogateConfig) -> MemberScore:
     return score
 
 
+#: the detector classes (and their subclasses) that have a differentiable surrogate
+SURROGATE_TYPES = (Mahalanobis, KDBU, LID, MSP, ModelMutation)
+
+
+def has_surrogate(detector_class: type) -> bool:
+    """Whether detectors of this class have a differentiable surrogate (`surrogate_for`)."""
+    return issubclass(detector_class, SURROGATE_TYPES)
+
+
 def surrogate_for(det: Detector, config: SurrogateConfig = SurrogateConfig()) -> MemberScore:
     """The differentiable surrogate of a fitted detector's score; `ConfigError` for a detector without one."""
     det.check_fitted()
@@ -203,6 +212,10 @@ class GuardEvidence:
 
     def __init__(self, guard: Guard, config: SurrogateConfig = SurrogateConfig()) -> None:
         guard.check_fitted()
+        if len(guard.detectors) > 1 and guard.config.combination != "fisher":
+            raise ConfigError(f"the guard combines its members by {guard.config.combination!r}; its differentiable "
+                              "evidence follows Fisher's rule only (a one-member guard flags the same under every "
+                              "rule)")
         self.guard = guard
         self.config = config
         self.members = {name: surrogate_for(det, config) for name, det in guard.detectors.items()}
@@ -289,6 +302,7 @@ def gradient_check(guard: Guard, x: torch.Tensor, config: SurrogateConfig = Surr
 
 
 __all__ = [
-    "Evidence", "GuardEvidence", "SmoothPValue", "SurrogateConfig", "gradient_check", "rank_agreement",
+    "Evidence", "GuardEvidence", "SURROGATE_TYPES", "SmoothPValue", "SurrogateConfig", "gradient_check",
+    "has_surrogate", "rank_agreement",
     "spearman", "surrogate_for", "surrogate_scores",
 ]

@@ -442,8 +442,9 @@ def markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
 
 
 def write_markdown(cells: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], missing: Sequence[str],
-                   path: Path, seeds: Sequence[int], fpr: float) -> Path:
-    return atomic_write_bytes(path, markdown(cells, summary, missing, seeds, fpr).encode())
+                   path: Path, seeds: Sequence[int], fpr: float, sections: Sequence[str] = ()) -> Path:
+    """results.md: `markdown`, then each of `sections` (Markdown text, e.g. the adaptive attacks')."""
+    return atomic_write_bytes(path, "\n".join([markdown(cells, summary, missing, seeds, fpr), *sections]).encode())
 
 
 def rich_tables(summary: Sequence[dict[str, Any]]) -> list[Table]:

@@ -19,6 +19,7 @@ from malex.report.aggregate import (
     METRICS, attack_summary, attack_table, attacks_table, auroc_matrix, floor_sentence, learnt_note, model_summary,
     models_table, summarise, summarise_verdicts, verdict_table,
 )
+from malex.report.adaptive import DESCRIPTION, adaptive_table, attacks_of, plot_attacker_success
 from malex.report.analysis_plots import plot_activation_space, plot_feature_space, plot_roc_grid, plot_sensitivity
 from malex.report.html import HtmlPage
 from malex.report.plots import plot_confusion_matrices
@@ -56,6 +57,8 @@ class StudyView:
     embedding: str
     n_per_kind: int
     datasets: list[DatasetView]
+    #: the adaptive attacks' summary rows (`malex.report.adaptive.summarise_adaptive`); empty without any
+    adaptive: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_report(view: StudyView, out: Path) -> Path:
@@ -111,6 +114,16 @@ def build_report(view: StudyView, out: Path) -> Path:
             plot_roc_grid(ds.roc, out / name)
             page.heading("ROC curves", 3)
             page.image(name, f"ROC curves of every detector and the guard per attack on {ds.name}, seed {seed}.")
+
+        if attacks_of(view.adaptive, ds.name):
+            page.heading("Adaptive attacks", 3)
+            page.paragraph(DESCRIPTION, note=True)
+            name = f"{ds.name}-adaptive.png"
+            plot_attacker_success(view.adaptive, ds.name, out / name)
+            page.image(name, "Attacker success against the budget: the adaptive attack (solid) and plain PGD (dashed) "
+                             "for each target; error bars: std over seeds.")
+            for attack, method in attacks_of(view.adaptive, ds.name):
+                page.table(*adaptive_table(view.adaptive, ds.name, attack), caption=f"{attack} ({method})")
 
         if not ds.sensitivity:
             continue

@@ -19,7 +19,8 @@ cannot be read (truncated, edited), is made again.
       cells/DATASET/ATTACK/seedS/guard.safetensors    the guard's screening of the malicious inputs
       cells/DATASET/ATTACK/seedS/metrics.json         the finished cell (written last)
       analysis/DATASET/seedS/MODEL.safetensors        the three-space data drawn in the report
-      results.md, results.csv, summary.csv            the tables
+      adaptive/DATASET/ATTACK/seedS/RUN.safetensors   an adaptive attack's (or plain PGD's) outcome at one budget
+      results.md, results.csv, summary.csv            the tables (adaptive.csv: the adaptive attacks, per seed)
       report/index.html + PNG plots                   the report (offline, no scripts)
 """
 
@@ -212,6 +213,9 @@ class StudyLayout:
     def cell_guard(self, dataset: str, attack: str, seed: int) -> Path:
         return self.cell(dataset, attack, seed) / "guard.safetensors"
 
+    def adaptive(self, dataset: str, attack: str, seed: int, run: str) -> Path:
+        return self.root / "adaptive" / dataset / attack / f"seed{seed}" / f"{run}.safetensors"
+
     def analysis(self, dataset: str, seed: int, model_key: str) -> Path:
         return self.root / "analysis" / dataset / f"seed{seed}" / f"{model_key}.safetensors"
 
@@ -227,6 +231,10 @@ class StudyLayout:
     @property
     def summary_csv(self) -> Path:
         return self.root / "summary.csv"
+
+    @property
+    def adaptive_csv(self) -> Path:
+        return self.root / "adaptive.csv"
 
     @property
     def report_dir(self) -> Path:

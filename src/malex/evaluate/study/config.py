@@ -14,7 +14,9 @@ Layout of the file (every table but `[datasets.*]` is optional; see configs/digi
                             overridden by these; default: trained from scratch); the other keys are the
                             trigger's settings
     [adversarial.NAME]      attack = registry name (default NAME); targeted = true attacks every source toward
-                            each other class (the study's CW); the other keys are the attack's settings
+                            each other class (the study's CW); the other keys are the attack's settings. An
+                            adaptive attack (adaptive_pgd, orthogonal_pgd, feature_matching) also takes
+                            budget_scale, targets and n_sources (adaptive_config.py)
     [analysis]              enabled, seed, n, strengths, mutants, embedding, layers
     [datasets.NAME]         data (a dataset name or an .npz path; default NAME), arch (a registered name, or
                             module:callable with arch_kwargs and the value_range, mean and std its network
@@ -42,6 +44,7 @@ from malex.calibration import DEFAULT_FPR, check_fpr
 from malex.errors import ConfigError
 from malex.models.preprocess import Preprocessing
 from malex.models.trainable import Trainable
+from malex.evaluate.study.adaptive_config import AdaptiveSpec, check_targets, is_adaptive, parse_adaptive
 from malex.evaluate.study.fields import (
     as_settings, check_keys, check_name, config_fields, read_bool, read_float, read_int, read_names, read_str,
     read_table,
@@ -122,6 +125,8 @@ class DatasetSpec:
     n_calibration: int
     #: how the guard decides (GuardConfig's combination, typing and typing_settings; defaults: as shipped)
     guard_decision: GuardDecision = field(default_factory=lambda: GuardDecision())
+    #: the adaptive attacks, run on the clean model against its guard (not grid cells: adaptive.py)
+    adaptive: tuple[AdaptiveSpec, ...] = ()
 
     @property
     def arch(self) -> str:
@@ -131,7 +136,7 @@ class DatasetSpec:
     @property
     def model_keys(self) -> tuple[str, ...]:
         """The clean model (when an adversarial attack needs it), then one poisoned model per backdoor."""
-        keys = [CLEAN_MODEL] if any(a.kind == ADVERSARIAL for a in self.attacks) else []
+        keys = [CLEAN_MODEL] if any(a.kind == ADVERSARIAL for a in self.attacks) or self.adaptive else []
         return tuple(keys + [a.name for a in self.attacks if a.kind == BACKDOOR])
 
     def attack(self, name: str) -> AttackSpec:
@@ -219,16 +224,15 @@ def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
     return AttackSpec(name, BACKDOOR, method, settings, poison_rate=rate, fine_tune=tune)
 
 
-def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec:
-    from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, EvidenceAware, make_adversarial
+def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec | AdaptiveSpec:
+    from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, make_adversarial
 
     method = read_str(table, "attack", where, name)
     if method not in ADVERSARIAL_ATTACKS:
         raise ConfigError(f"{where}.attack: unknown adversarial attack {method!r}; expected one of "
                           f"{', '.join(ADVERSARIAL_ATTACKS)}")
-    if issubclass(ADVERSARIAL_ATTACKS[method], EvidenceAware):
-        raise ConfigError(f"{where}.attack: {method!r} attacks a fitted guard, which the study does not hand to "
-                          "attacks yet; measure it with benchmarks/adaptive_attacks.py")
+    if is_adaptive(method):
+        return parse_adaptive(name, method, {k: v for k, v in table.items() if k != "attack"}, where)
     targeted = read_bool(table, "targeted", where, False)
     settings = as_settings({k: v for k, v in table.items() if k not in ("attack", "targeted")})
     check_keys(settings, config_fields(ADVERSARIAL_ATTACKS[method].config_class) | {"attack", "targeted"}, where)
@@ -239,8 +243,12 @@ def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec:
     return AttackSpec(name, ADVERSARIAL, method, settings, targeted)
 
 
-def _with_overrides(spec: AttackSpec, overrides: dict[str, Any], where: str) -> AttackSpec:
+def _with_overrides(spec: AttackSpec | AdaptiveSpec, overrides: dict[str, Any], where: str
+                    ) -> AttackSpec | AdaptiveSpec:
     """`spec` with per-dataset settings merged in, re-validated."""
+    if isinstance(spec, AdaptiveSpec):
+        own = {"budget_scale": list(spec.budget_scale), "targets": list(spec.targets), "n_sources": spec.n_sources}
+        return parse_adaptive(spec.name, spec.method, {**spec.settings, **own, **overrides}, where)
     table = {**spec.settings, **overrides}
     if spec.kind == BACKDOOR:
         rate = {} if spec.poison_rate is None else {"poison_rate": spec.poison_rate}
@@ -401,7 +409,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None, imp
             raise ConfigError(f"detectors.{name}: unknown detector {name!r}; expected one of {', '.join(DETECTORS)}")
         det_settings[name] = as_settings(read_table(table, f"detectors.{name}"))
 
-    attacks: dict[str, AttackSpec] = {}
+    attacks: dict[str, AttackSpec | AdaptiveSpec] = {}
     for section, build in (("backdoors", _backdoor), ("adversarial", _adversarial)):
         for name, table in read_table(raw.get(section, {}), section).items():
             where = f"{section}.{name}"
@@ -449,17 +457,23 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None, imp
             ds_settings[det] = {**ds_settings.get(det, {}), **as_settings(read_table(t, f"{where}.detector_settings.{det}"))}
         used = set(ds_detectors) | set(ds_guard)
         _check_detectors(network, [d for d in DETECTORS if d in used], ds_settings, det_settings, where)
+        ds_decision = _decision(table, where, decision)
+        adaptive = tuple(a for a in specs if isinstance(a, AdaptiveSpec))
+        for a in adaptive:
+            check_targets(a, ds_guard, ds_decision.combination,
+                          f"{where}.attack_settings.{a.name}" if a.name in overrides else f"adversarial.{a.name}")
         datasets.append(DatasetSpec(
             name=name, data=data, network=network,
             train=_train(read_table(table.get("train", {}), f"{where}.train"), f"{where}.train"),
             poison_rate=read_float(table, "poison_rate", where, 0.1, 0.0, 1.0),
             target=read_int(table, "target", where, 0),
-            attacks=specs,
+            attacks=tuple(a for a in specs if not isinstance(a, AdaptiveSpec)),
             detectors=ds_detectors,
             detector_settings={k: v for k, v in ds_settings.items() if k in used},
             guard=ds_guard,
-            guard_decision=_decision(table, where, decision),
+            guard_decision=ds_decision,
             **{k: read_int(table, k, where, v, minimum=1 if k == "n_malicious" else 10) for k, v in counts.items()},
+            adaptive=adaptive,
         ))
     return StudyConfig(
         datasets=tuple(datasets), seeds=tuple(seeds), fpr=fpr, device=device, batch_size=batch_size,

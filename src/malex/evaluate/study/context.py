@@ -14,7 +14,7 @@ from malex.evaluate.study.config import StudyConfig
 Log = Callable[[str], None]
 #: what a run counts (StudyRun.counts): each is one artifact made, not read from the cache
 COUNTS = ("models_trained", "attacks_crafted", "detectors_fitted", "guards_fitted", "detector_scores",
-          "guard_screenings", "analyses")
+          "guard_screenings", "analyses", "adaptive_runs")
 
 
 def quiet(_message: str) -> None:

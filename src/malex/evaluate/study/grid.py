@@ -54,7 +54,7 @@ class Selection:
     def check(self, config: StudyConfig) -> None:
         """Raise ConfigError naming any dataset, attack or seed that the config's grid does not have."""
         known = {"dataset": {d.name for d in config.datasets},
-                 "attack": {a.name for d in config.datasets for a in d.attacks}, "seed": set(config.seeds)}
+                 "attack": {a.name for d in config.datasets for a in (*d.attacks, *d.adaptive)}, "seed": set(config.seeds)}
         for what, chosen in (("dataset", self.datasets), ("attack", self.attacks), ("seed", self.seeds)):
             unknown = sorted(map(str, (chosen or set()) - known[what]))
             if unknown:

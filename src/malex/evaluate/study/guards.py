@@ -105,6 +105,16 @@ def fit_guard(ctx: StudyContext, specs: Specs, key: str, model: nn.Module, model
     return GuardFit(meta["id"], *_read_screening(({}, screened)), guard)
 
 
+def with_guard(ctx: StudyContext, specs: Specs, key: str, model: nn.Module, fit: GuardFit,
+               refit: Callable[[], GuardFit]) -> GuardFit:
+    """`fit` with its guard loaded from the cached file (or, when that no longer loads, refitted by `refit`)."""
+    if fit.guard is None:
+        fit.guard = _load(ctx, specs, key, model)
+        if fit.guard is None:
+            fit = refit()
+    return fit
+
+
 def screen_cell(ctx: StudyContext, specs: Specs, cell: Cell, key: str, x: torch.Tensor, attack_id: str,
                 fit: GuardFit, model: nn.Module, refit: Callable[[], GuardFit]
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,10 +124,8 @@ def screen_cell(ctx: StudyContext, specs: Specs, cell: Cell, key: str, x: torch.
     got = Artifact(path, specs.screening(attack_id, fit.id)).read(*SCREENING)
     if got is not None:
         return _read_screening(got)
-    if len(x) and fit.guard is None:
-        fit.guard = _load(ctx, specs, key, model)
-        if fit.guard is None:
-            fit = refit()
+    if len(x):
+        fit = with_guard(ctx, specs, key, model, fit, refit)
     screened = _screening(fit.guard.screen(x)) if len(x) else {
         "guard_score": torch.zeros(0, dtype=torch.float64), "flagged": torch.zeros(0, dtype=torch.uint8),
         "verdict": torch.zeros(0, dtype=torch.uint8)}

@@ -19,7 +19,8 @@ trained once and cached. The protocol of the study, per cell:
 Fitted detectors (their state, calibration and clean scores) are cached per model, so a new attack only
 scores its inputs. Every artifact records the ids of what it was made from (specs.py, cache.py): a changed
 setting or a damaged file redoes what depends on it, and nothing else. This module orders the work; the
-pieces are grid.py (cells), seed.py (one dataset and seed's artifacts), cell.py (a cell's metrics) and
+pieces are grid.py (cells), seed.py (one dataset and seed's artifacts), cell.py (a cell's metrics),
+adaptive.py (the adaptive attacks against each (dataset, seed)'s guard, run after the cells; not grid cells) and
 analysis_step.py; the tables and the report are drawn by malex.report from the plain results.
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from malex.evaluate.study.adaptive import adaptive_rows
 from malex.evaluate.study.analysis import SpaceData
 from malex.evaluate.study.analysis_step import analysis_spec, make_analysis, recorded_analysis
 from malex.evaluate.study.cache import StudyLayout, read_tensors
@@ -40,6 +42,7 @@ from malex.evaluate.study.context import Log, StudyContext, quiet
 from malex.evaluate.study.grid import Cell, Selection, grid_cells
 from malex.evaluate.study.seed import SeedRun
 from malex.device import select_device
+from malex.report.adaptive import adaptive_markdown, summarise_adaptive, write_adaptive_csv
 from malex.report.aggregate import summarise, write_csv_rows, write_markdown, write_summary_csv
 from malex.report.study_page import DatasetView, StudyView, build_report
 
@@ -82,7 +85,7 @@ class Study:
         return grid_cells(self.config)
 
     def run(self, config_text: str | None = None, report: bool = True, select: Selection = Selection()) -> StudyRun:
-        """Compute every unfinished cell (of `select` only, when given), then the analysis (of the models whose
+        """Compute every unfinished cell (of `select` only, when given), then the adaptive attacks, the analysis (of the models whose
         attacks are all crafted, when only part of the grid was selected), the tables and (optionally) the
         report, both over the whole grid.
         `config_text`: the TOML the config came from, kept in the folder as study.toml."""
@@ -107,6 +110,7 @@ class Study:
             computed.append(cell)
             log(f"{where}: done in {time.perf_counter() - t0:.1f} s")
         self._current = None
+        self._adaptive(select)
         if self.config.analysis.enabled:
             self._analyses(make_missing=select.everything)
         files = self.write_tables()
@@ -119,6 +123,29 @@ class Study:
         """Compute one cell (reading what is cached, making the rest) and write its metrics; no claim of the
         folder (`run` claims it; a Ray worker computes cells of a folder its driver claimed)."""
         return compute_cell(self._seed_run(cell.dataset, cell.seed), cell)
+
+    def adaptive_cells(self) -> list[Cell]:
+        """Every (dataset, adaptive attack, seed), in the grid's order of datasets and seeds."""
+        return [Cell(ds.name, a.name, seed) for ds in self.config.datasets for seed in self.config.seeds
+                for a in ds.adaptive]
+
+    def _adaptive(self, select: Selection = Selection()) -> None:
+        """Run (or read) every selected adaptive attack against the guard of its (dataset, seed)."""
+        cells = [c for c in self.adaptive_cells() if select.covers(c)]
+        for i, cell in enumerate(cells, 1):
+            self.ctx.log(f"[adaptive {i}/{len(cells)}] {cell.label}")
+            run = self._seed_run(cell.dataset, cell.seed)
+            adaptive_rows(run, next(a for a in run.ds.adaptive if a.name == cell.attack), make=True)
+        self._current = None
+
+    def adaptive_results(self) -> tuple[list[dict], list[Cell]]:
+        """(one row per finished adaptive attack, seed, budget and target; the adaptive cells not finished)."""
+        rows, missing = [], []
+        for cell in self.adaptive_cells():
+            run = self._seed_run(cell.dataset, cell.seed)
+            got = adaptive_rows(run, next(a for a in run.ds.adaptive if a.name == cell.attack), make=False)
+            (rows.extend(got) if got is not None else missing.append(cell))
+        return rows, missing
 
     def analyse(self, dataset: str, key: str, make_missing: bool = True) -> None:
         """The three-space analysis of `key`'s model of `dataset` at the analysis seed, unless cached.
@@ -188,9 +215,15 @@ class Study:
         L = self.layout
         write_csv_rows(done, L.results_csv)
         write_summary_csv(summary, L.summary_csv)
+        files = {"results_md": L.results_md, "results_csv": L.results_csv, "summary_csv": L.summary_csv}
+        sections = []
+        if self.adaptive_cells():
+            rows, unfinished = self.adaptive_results()
+            files["adaptive_csv"] = write_adaptive_csv(rows, L.adaptive_csv)
+            sections.append(adaptive_markdown(summarise_adaptive(rows), [c.label for c in unfinished]))
         write_markdown(done, summary, [c.label for c in missing], L.results_md, seeds=self.config.seeds,
-                       fpr=self.config.fpr)
-        return {"results_md": L.results_md, "results_csv": L.results_csv, "summary_csv": L.summary_csv}
+                       fpr=self.config.fpr, sections=sections)
+        return files
 
     def report_view(self) -> StudyView:
         """What the report draws, as plain data: the finished cells, the analysis seed's scores per attack and
@@ -227,7 +260,8 @@ class Study:
                 feature={t: s.distances for t, s in spaces.items()},
             ))
         a = self.config.analysis
-        return StudyView(cells=done, missing=[c.label for c in missing], seeds=list(self.config.seeds),
+        adaptive = summarise_adaptive(self.adaptive_results()[0]) if self.adaptive_cells() else []
+        return StudyView(adaptive=adaptive, cells=done, missing=[c.label for c in missing], seeds=list(self.config.seeds),
                          fpr=self.config.fpr, analysis_seed=seed, mutants=a.mutants, embedding=a.embedding,
                          n_per_kind=a.n, datasets=datasets)
 

@@ -98,3 +98,10 @@ class SeedRun:
         self._guards[key] = guards.fit_guard(self.ctx, self.specs, key, model, meta["id"], self.pools,
                                              self.clean_test(key))
         return self._guards[key]
+
+    def loaded_guard(self, key: str) -> guards.GuardFit:
+        """`key`'s guard with the fitted guard itself in hand (loaded, or refitted when its file no longer loads)."""
+        fit = guards.with_guard(self.ctx, self.specs, key, self.model(key)[0], self.guard(key),
+                                lambda: self.refit_guard(key))
+        self._guards[key] = fit
+        return fit

@@ -73,6 +73,15 @@ class Specs:
         """The guard's screening of a cell's malicious inputs."""
         return {"attack": attack_id, "guard": guard_id}
 
+    def adaptive(self, model_id: str, guard_id: str, n_sources: int, attack: dict[str, Any], aim: str | None,
+                 screened: list[str]) -> dict[str, Any]:
+        """One run of an adaptive attack (or of plain PGD) at one budget: the attack (method and settings, eps
+        included), what it was aimed at (None: nothing, as plain PGD and feature matching) and the targets that
+        screened its examples."""
+        return {"model": model_id, "guard": guard_id, "attack": attack, "aim": aim, "screened": screened,
+                "n_sources": n_sources, "sources": {"data": self.ds.data, "data_dir": self.config.data_dir,
+                                                    "seed": self.seed}}
+
     def analysis(self, model_id: str, attack_ids: dict[str, str]) -> dict[str, Any]:
         settings = dataclasses.asdict(self.config.analysis)
         settings.pop("enabled")
