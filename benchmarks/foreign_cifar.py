@@ -20,8 +20,6 @@ screening time of 256 clean inputs at batch 256 on one thread against the plain 
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from malex.models.registry import CIFAR10_MEAN, CIFAR10_STD
 from malex.models.train import TrainConfig
 
 from foreign_head_speed import median_seconds  # benchmarks/ is on sys.path when run as a script
+from tables import command_line, emit
 
 RECIPE = TrainConfig(epochs=15, lr=0.002, batch_size=128, shift=4, seed=0)
 
@@ -129,7 +128,7 @@ def main() -> None:
 
     models = {label: cached(name, args.cache, data, arch, trigger if poisoned else None)
               for name, (label, arch, poisoned) in MODELS.items() if name in args.models}
-    lines = [f"`{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`", "",
+    lines = [command_line(), "",
              "| model | clean accuracy | ASR |", "|---|---:|---:|"]
     for name, (_, facts) in models.items():
         asr = facts["attack_success_rate"]
@@ -160,10 +159,7 @@ def main() -> None:
         lines.append(f"| {name} | {attack} | {len(clean)} / {len(malicious)} | {fit_s:.1f} | {ratio:.2f}x | "
                      f"{auroc(a.guard_score, b.guard_score):.3f} | " + " | ".join(per_detector) + " |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ instead of weights, and the last rows are the shipped `mutation_bd` (sequential 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from malex.models.classifier import Normalize  # noqa: E402
 from malex.models.inference import predict  # noqa: E402
 from malex.models.train import TrainConfig  # noqa: E402
 from malex.probe import Probe  # noqa: E402
+from tables import command_line, emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 MUTANTS = 50
 TARGET_LCR = 0.6
@@ -139,7 +139,7 @@ def main() -> None:
                     auroc(det.score(probe.run(clean)), det.score(probe.run(malicious))))
             print(f"seed {seed} {attack}: " + ", ".join(f"{k}: {v[attack][-1]:.3f}" for k, v in rows.items()),
                   flush=True)
-    lines = [f"`{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`", "",
+    lines = [command_line(), "",
              f"AUROC against clean inputs, mean ± std over seeds {', '.join(map(str, args.seeds))} (per seed in "
              "brackets).", "", "| mutants fuzz | BadNets (want high) | PGD on the clean model (want low) |",
              "|---|---:|---:|"]
@@ -147,10 +147,7 @@ def main() -> None:
         cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f} "
                  f"({' / '.join(f'{a:.3f}' for a in v)})" for v in (by_attack["BadNets"], by_attack["PGD"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
