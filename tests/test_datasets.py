@@ -402,7 +402,8 @@ def test_cifar_resnet_builds_forwards_and_probes(tmp_path):
     assert torch.allclose(obs.logits, obs.features[model.probe_layers[-1]])
     assert isinstance(model.head[-1], nn.Linear) and model.head[-1].out_features == 10
     assert any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.head)  # MC dropout for KD+BU
-    assert mutation_target(model)[0] is model.head  # every dense layer sits in the head
+    assert mutation_target(model, through_last_conv=True).module is model.head  # every dense layer sits in the head,
+    # and, with a hidden dense layer in it, the backdoor side fuzzes the dense layers, not the last convolution
     # channels-last weights do not leak into the file: it loads back to the same outputs
     again, desc = load_model(save_model(model, tmp_path / "cifar.safetensors", "cifar_resnet"))
     assert desc["arch"] == "cifar_resnet" and torch.allclose(again(x), model(x), atol=1e-5)
