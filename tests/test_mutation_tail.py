@@ -51,6 +51,21 @@ def test_the_tail_from_the_last_convolution_gives_the_models_logits(net, channel
         assert torch.allclose(tail.module(*(obs.layer(n) for n in tail.inputs)), model(x), atol=1e-5)
 
 
+class DropoutHead(ResidualGAP):
+    """The one dense layer sits behind dropout in a Sequential `head`, as many published classifiers have it."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__(classes)
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, classes))
+
+
+def test_a_head_of_dropout_then_one_dense_layer_counts_as_one_dense_layer():
+    model = DropoutHead(4).eval()
+    target = make_detector("mutation_bd", model).target
+    assert target.reach == "last_conv" and target.weights == ("block.3.weight",)
+    assert make_detector("mutation_bd", ResidualGAP(4)).target.reach == "last_conv"
+
+
 def test_no_tail_without_a_convolution_or_a_traceable_forward_pass():
     assert conv_tail(nn.Sequential(nn.Flatten(), nn.Linear(64, 3))) is None
     assert conv_tail(Branchy()) is None

@@ -123,7 +123,7 @@ def mutation_target(model: nn.Module, through_last_conv: bool = False) -> Mutati
     head = find_head(model)
     if head is None:
         return MutationTarget(model, (), _dense_weights(model), "model", "no submodule holds every dense layer")
-    if through_last_conv and isinstance(head.module, nn.Linear):
+    if through_last_conv and len(dense_layers(head.module)) == 1:  # e.g. fc, or Sequential(Dropout, Linear)
         tail = conv_tail(model)
         if tail is not None:
             return MutationTarget(tail.module, tail.inputs, (f"{tail.start}.weight",), "last_conv", tail.reason)
