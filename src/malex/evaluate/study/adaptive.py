@@ -91,12 +91,14 @@ def _sources(run: SeedRun, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pool.x[right][:n], pool.y[right][:n]
 
 
-def _make(run: SeedRun, spec: AdaptiveSpec, planned: Planned, artifact: Artifact) -> dict[str, torch.Tensor]:
-    """Run one planned attack on the sources, screen its examples by its targets and cache the outcome."""
+def _make(run: SeedRun, spec: AdaptiveSpec, planned: Planned, artifact: Artifact,
+          sources: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run one planned attack on the `sources` (`_sources`), screen its examples by its targets and cache the
+    outcome."""
     ctx = run.ctx
     model = run.model(CLEAN_MODEL)[0]
     guard = run.loaded_guard(CLEAN_MODEL).guard
-    x, y = _sources(run, spec.n_sources)
+    x, y = sources
     screens = targets(guard, list(dict.fromkeys(planned.screened + ((planned.aim,) if planned.aim else ()))))
     if planned.method == PLAIN:
         attack = plain_pgd(planned.settings["eps"], planned.settings["seed"])
@@ -138,6 +140,7 @@ def adaptive_rows(run: SeedRun, spec: AdaptiveSpec, make: bool = True) -> list[d
             return None
         model_id, guard_id = model["id"], guard["id"]
     outcomes: dict[str, dict[str, torch.Tensor]] = {}
+    sources: tuple[torch.Tensor, torch.Tensor] | None = None  # chosen once, when a run must be made
     rows = []
     for scale, (eps, runs) in zip(spec.budget_scale, plan(run, spec).items()):
         for planned in runs.values():
@@ -149,7 +152,9 @@ def adaptive_rows(run: SeedRun, spec: AdaptiveSpec, make: bool = True) -> list[d
             got = artifact.read("fooled", *(FLAGGED + t for t in planned.screened))
             if got is None and not make:
                 return None
-            outcomes[planned.file] = got[1] if got is not None else _make(run, spec, planned, artifact)
+            if got is None and sources is None:
+                sources = _sources(run, spec.n_sources)
+            outcomes[planned.file] = got[1] if got is not None else _make(run, spec, planned, artifact, sources)
         plain = outcomes[runs["plain"].file]
         for target, planned in runs.items():
             if target == "plain":
