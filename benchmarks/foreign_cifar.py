@@ -116,6 +116,8 @@ def main() -> None:
     p.add_argument("--bd-head-only", action="store_true",
                    help="mutation_bd fuzzes the dense head even when it is one dense layer (the behaviour before "
                         "through_last_conv), for a before/after on the same models")
+    p.add_argument("--train-only", action="store_true",
+                   help="only train the chosen models into the cache (run one process per model to use more cores)")
     args = p.parse_args()
     data = load_dataset("cifar10", seed=0)
     fit_idx, cal_idx = split_keeping_groups(data.val.y, data.val.groups, (0.5, 0.5), 0)
@@ -128,6 +130,8 @@ def main() -> None:
 
     models = {label: cached(name, args.cache, data, arch, trigger if poisoned else None)
               for name, (label, arch, poisoned) in MODELS.items() if name in args.models}
+    if args.train_only:
+        return
     lines = [command_line(), "",
              "| model | clean accuracy | ASR |", "|---|---:|---:|"]
     for name, (_, facts) in models.items():

@@ -6,7 +6,9 @@ never touched: mutants are parameter sets passed to `torch.func.functional_call`
 layer sits in the model's `head`, only the head is re-run, on its cached input from the probe pass, with
 many mutants at once through `vmap`. On a head of ONE dense layer, fuzzing it measures only the margin
 against the feature norm, so the backdoor side (`through_last_conv`) fuzzes the model's last convolution
-instead and re-runs the model from it (`malex.models.tail`).
+instead and re-runs the model from it (`malex.models.tail`); where that convolution is a 2-D one with more values
+per patch than output positions, the test draws each input's output noise directly rather than running mutated
+convolutions (`malex.detectors.conv_noise`: the same label-change law per input, at a fraction of the cost).
 
 The label-change rate (LCR) of an input is the share of mutants whose label differs from the guarded
 model's own prediction. Adversarial examples sit near a boundary, so their LCR is high at a mild
@@ -31,17 +33,20 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from malex.detectors.base import ADVERSARIAL, BACKDOOR, Detector
+from malex.detectors.conv_noise import ConvOutputNoise
 from malex.detectors.sprt import SPRT
 from malex.errors import ConfigError, ModelFileError
 from malex.models.anatomy import dense_layers, find_head, head_reproduces
 from malex.models.inference import eval_mode
-from malex.models.tail import conv_tail
+from malex.models.tail import Tail, conv_tail, run_mutants
 from malex.probe import Observation
 from malex.progress import counter
 
 
 #: most values a batch of mutants' inputs may hold (float32: 128 MiB per intermediate activation)
 MUTANT_ELEMENTS = 2**25
+#: most values the per-input noise factors and outputs of the last convolution may hold at once (see `_blocks`)
+PREPARED_ELEMENTS = 2**26
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class MutationTarget:
     weights: tuple[str, ...]
     reach: Literal["head", "last_conv", "model"]
     reason: str
+    tail: Tail | None = None  # with reach "last_conv"
 
     def whole_model(self, model: nn.Module) -> "MutationTarget":
         """The same weights fuzzed, in the whole model re-run from the raw input (named as the model names them)."""
@@ -126,7 +132,11 @@ def mutation_target(model: nn.Module, through_last_conv: bool = False) -> Mutati
     if through_last_conv and len(dense_layers(head.module)) == 1:  # e.g. fc, or Sequential(Dropout, Linear)
         tail = conv_tail(model)
         if tail is not None:
-            return MutationTarget(tail.module, tail.inputs, (f"{tail.start}.weight",), "last_conv", tail.reason)
+            sampled = ("; the test samples each input's output noise of the fuzzed convolution instead of running it "
+                       "(where a patch holds more values than the output has positions)"
+                       if ConvOutputNoise.supports(model.get_submodule(tail.start)) else "")
+            return MutationTarget(tail.module, tail.inputs, (f"{tail.start}.weight",), "last_conv", tail.reason + sampled,
+                                  tail)
     return MutationTarget(head.module, (head.input_layer,), _dense_weights(head.module), "head", head.reason)
 
 
@@ -203,8 +213,11 @@ class ModelMutation(Detector):
 
     def _set_target(self, target: MutationTarget) -> None:
         self.target = target
-        # a plain dense head runs as batched matrix products; anything else through vmap over functional_call
+        # a plain dense head runs as batched matrix products; a tail from a 2-D convolution as sampled output noise
+        # (`conv_noise`); anything else through vmap over functional_call
         self._stackable = target.reach == "head" and stackable_head(target.module)
+        conv = target.module.get_submodule(target.tail.start) if target.tail is not None else None
+        self._noise = ConvOutputNoise(conv, self.config.seed) if ConvOutputNoise.supports(conv) else None
 
     @property
     def module(self) -> nn.Module:
@@ -265,8 +278,7 @@ class ModelMutation(Detector):
         `batch_size`, fewer where the mutants' activations would pass MUTANT_ELEMENTS (a tail's feature maps)."""
         params = self.fuzzer.mutants(ids)
         device = next(iter(params.values())).device
-        per_input = len(ids) * sum(t[0].numel() for t in inputs) if len(inputs[0]) else 1
-        size = max(1, min(self.config.batch_size, MUTANT_ELEMENTS // per_input))
+        size = self._batch(len(ids), inputs)
         out = []
         with torch.no_grad():
             for start in range(0, inputs[0].shape[0], size):
@@ -274,6 +286,59 @@ class ModelMutation(Detector):
                 pred = self._logits(params, xb).argmax(dim=-1).cpu()
                 out.append(pred != base[start : start + size].view(1, -1))
         return torch.cat(out, dim=1)
+
+    def _batch(self, mutants: int, values: tuple[torch.Tensor, ...]) -> int:
+        """Inputs per batch: `batch_size`, fewer where `mutants` copies of their `values` pass MUTANT_ELEMENTS."""
+        per_input = mutants * sum(t[0].numel() for t in values) if len(values[0]) else 1
+        return max(1, min(self.config.batch_size, MUTANT_ELEMENTS // per_input))
+
+    def _prepare(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        """Where the test samples the last convolution's output noise (`conv_noise`), the per-input values it
+        reuses for every mutant: the convolution's output plus the mutants' mean shift, the noise factors, and the
+        values the rest of the tail reads. None where the mutants run as modules."""
+        tail = self.target.tail
+        if self._noise is None or tail is None or not self._noise.worthwhile(inputs[tail.conv_input]):
+            return None
+        x = inputs[tail.conv_input]
+        mean, _ = self.fuzzer.stats[self.target.weights[0]]
+        with torch.no_grad():
+            lt, sums = self._noise.factors(x)
+            out = self._noise.conv(x)
+            shifted = out + self._noise.mean_shift(sums, mean).view_as(out)
+        return (shifted, lt, *(inputs[i] for i in tail.rest_inputs))
+
+    def _sampled_flips(self, prepared: tuple[torch.Tensor, ...], base: torch.Tensor, ids: range) -> torch.Tensor:
+        """`_flips` from the values of `_prepare`: each mutant's output noise is sampled per input and the rest of
+        the tail runs on the noisy convolution outputs, all mutants of a batch at once (`run_mutants`)."""
+        shifted, lt, *others = prepared
+        rest = self.target.tail.rest  # type: ignore[union-attr]
+        _, std = self.fuzzer.stats[self.target.weights[0]]
+        m = len(ids)
+        size = self._batch(m, (shifted, *others))
+        out = []
+        with torch.no_grad(), eval_mode(rest):
+            for start in range(0, shifted.shape[0], size):
+                block = slice(start, start + size)
+                noise = self._noise.sample(lt[block], ids, std)  # type: ignore[union-attr]
+                y = (shifted[block].unsqueeze(0) + noise.reshape(m, *shifted[block].shape)).flatten(0, 1)
+                pred = run_mutants(rest, m, y, *(t[block] for t in others)).argmax(dim=-1).view(m, -1).cpu()
+                out.append(pred != base[block].view(1, -1))
+        return torch.cat(out, dim=1)
+
+    def _blocks(self, inputs: tuple[torch.Tensor, ...]) -> list[slice]:
+        """The inputs in blocks whose `_prepare` values fit PREPARED_ELEMENTS (one block where nothing is
+        prepared): the test runs block by block, each input's result the same either way."""
+        n = inputs[0].shape[0]
+        tail = self.target.tail
+        if self._noise is None or tail is None or n == 0:
+            return [slice(0, n)]
+        x = inputs[tail.conv_input]
+        ho, wo = self._noise.output_size(x)
+        npos = ho * wo
+        per_input = npos * (self._noise.conv.out_channels + self._noise.conv.groups * npos) + sum(
+            inputs[i][0].numel() for i in tail.rest_inputs)
+        size = max(1, PREPARED_ELEMENTS // per_input)
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
     def _stacked_logits(self, params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
         """(M, N, classes) logits of M mutants of a plain sequential head, as batched matrix products (the same
@@ -305,18 +370,24 @@ class ModelMutation(Detector):
         used = np.zeros(n)
         decision = np.zeros(n, dtype=np.int8)
         sprt = self.sprt() if sequential else None
-        with counter(f"mutants (r={self.strength:.3g})", cfg.max_mutants, enabled=cfg.progress) as advance:
-            for start in range(0, cfg.max_mutants, cfg.chunk):
-                active = np.flatnonzero(decision == 0)
-                if active.size == 0:
-                    break
-                ids = range(start, min(start + cfg.chunk, cfg.max_mutants))
-                flips = self._flips(tuple(t[active] for t in inputs), base[active], ids).sum(0).numpy()
-                changes[active] += flips
-                used[active] += len(ids)
-                if sprt is not None:
-                    decision[active] = sprt.decide(changes[active], used[active])
-                advance(len(ids))
+        blocks = self._blocks(inputs)
+        with counter(f"mutants (r={self.strength:.3g})", cfg.max_mutants * len(blocks),
+                     enabled=cfg.progress) as advance:
+            for block in blocks:
+                prepared = self._prepare(tuple(t[block] for t in inputs))
+                values, flips_of = (inputs, self._flips) if prepared is None else (prepared, self._sampled_flips)
+                offset = 0 if prepared is None else block.start
+                for start in range(0, cfg.max_mutants, cfg.chunk):
+                    active = block.start + np.flatnonzero(decision[block] == 0)
+                    if active.size == 0:
+                        break
+                    ids = range(start, min(start + cfg.chunk, cfg.max_mutants))
+                    flips = flips_of(tuple(t[active - offset] for t in values), base[active], ids).sum(0).numpy()
+                    changes[active] += flips
+                    used[active] += len(ids)
+                    if sprt is not None:
+                        decision[active] = sprt.decide(changes[active], used[active])
+                    advance(len(ids))
         lcr = changes / np.maximum(used, 1)
         if sprt is not None:
             undecided = decision == 0

@@ -8,11 +8,13 @@ seeds). Fuzzing the last convolution instead restores the effect the test relies
 benchmarks/mutation_reach.py). `conv_tail` cuts a traced model just before its last convolution: the values
 the rest of the pass reads (the convolution's input, and any skip connection that jumps over it) become the
 inputs of a `torch.fx.GraphModule`, each captured by a probe layer, so the mutants re-run only the last
-convolution, what follows it, and the head.
+convolution, what follows it, and the head. `rest` is the same cut without the convolution: it takes the
+convolution's output, so that noise can be added to that output directly (`malex.detectors.conv_noise`).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +27,17 @@ from malex.models.anatomy import capture_name
 @dataclass(frozen=True)
 class Tail:
     """`module` maps the values that probe layers `inputs` capture (in that order) to the model's logits; it
-    starts with the convolution `start` and shares the model's submodules and parameter names."""
+    starts with the convolution `start`, whose input is `inputs[conv_input]`, and shares the model's submodules and
+    parameter names. `rest(conv_output, *(inputs[i] for i in rest_inputs))` gives the same logits from the
+    convolution's output."""
 
     module: fx.GraphModule
     inputs: tuple[str, ...]
     start: str
     reason: str
+    rest: fx.GraphModule
+    conv_input: int
+    rest_inputs: tuple[int, ...]
 
 
 def conv_tail(model: nn.Module) -> Tail | None:
@@ -63,19 +70,87 @@ def conv_tail(model: nn.Module) -> Tail | None:
     names = [capture_name(n, last_call) if n.op != "placeholder" else None for n in crossing]
     if any(name is None for name in names):
         return None
+    module, _ = _cut(model, nodes, at, list(crossing), with_start=True)
+    rest, rest_inputs = _cut(model, nodes, at, list(crossing), with_start=False)
+    start_name = str(start.target)
+    return Tail(module, tuple(names), start_name,  # type: ignore[arg-type]
+                f"the head is one dense layer, so the mutants fuzz the last convolution {start_name!r} instead and re-run "
+                f"the model from it, on {', '.join(names)}",  # type: ignore[arg-type]
+                rest, list(crossing).index(start.args[0]), rest_inputs)
+
+
+def _cut(model: nn.Module, nodes: list[fx.Node], at: int, crossing: list[fx.Node],
+         with_start: bool) -> tuple[fx.GraphModule, tuple[int, ...]]:
+    """The graph from node `at` on, reading the `crossing` values as placeholders; without its first node (the
+    convolution) it reads that node's output as its first placeholder instead, and keeps only the crossing values
+    it still reads. Returns the module and the indices (into `crossing`) of the placeholders it kept."""
     sub = fx.Graph()
+    start_out = None if with_start else sub.placeholder("conv_out")
     env: dict[fx.Node, fx.Node] = {n: sub.placeholder(f"in_{i}") for i, n in enumerate(crossing)}
     for node in nodes[:at]:
         if node.op == "get_attr":
             env[node] = sub.node_copy(node, lambda a: env[a])
-    for node in tail_nodes:
+    if start_out is not None:
+        env[nodes[at]] = start_out
+    for node in nodes[at if with_start else at + 1:]:
+        if node.op == "output":
+            sub.output(fx.map_arg(node.args[0], lambda a: env[a]))
+            break
         env[node] = sub.node_copy(node, lambda a: env[a])
-    output = next(n for n in nodes if n.op == "output")
-    sub.output(fx.map_arg(output.args[0], lambda a: env[a]))
     module = fx.GraphModule(model, sub)
-    module.graph.eliminate_dead_code()  # the get_attr copies the tail does not read
+    module.graph.eliminate_dead_code()  # the get_attr copies the cut does not read
+    kept = tuple(i for i, n in enumerate(crossing) if with_start or env[n].users)
+    for i, n in enumerate(crossing):
+        if i not in kept:
+            module.graph.erase_node(env[n])
     module.recompile()
-    start_name = str(start.target)
-    return Tail(module, tuple(names), start_name,  # type: ignore[arg-type]
-                f"the head is one dense layer, so the mutants fuzz the last convolution {start_name!r} instead and re-run "
-                f"the model from it, on {', '.join(names)}")  # type: ignore[arg-type]
+    return module, kept
+
+
+#: functions that broadcast their tensor arguments elementwise: a value of every mutant meets a per-input value
+#: without copying it once per mutant
+_BROADCASTING = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                 torch.div, torch.maximum, torch.minimum}
+
+
+class _MutantRun(fx.Interpreter):
+    """Runs a cut whose first input holds M mutants' values of N inputs (M * N rows, mutant-major) and whose other
+    inputs hold one value per input (N rows): what does not depend on the first input runs once per input."""
+
+    def __init__(self, module: fx.GraphModule, mutants: int) -> None:
+        super().__init__(module)
+        self.mutants = mutants
+        first = next(n for n in module.graph.nodes if n.op == "placeholder")
+        self.varies = {first}
+        for node in module.graph.nodes:
+            if any(arg in self.varies for arg in node.all_input_nodes):
+                self.varies.add(node)
+
+    def run_node(self, n: fx.Node):  # noqa: ANN201 - whatever the node gives
+        if n not in self.varies or n.op in ("placeholder", "output"):
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        m = self.mutants
+        fixed = [a for a in n.all_input_nodes if a not in self.varies]
+        if not fixed:
+            return getattr(self, n.op)(n.target, args, kwargs)
+        values = {a: self.env[a] for a in n.all_input_nodes}
+        if n.op == "call_function" and n.target in _BROADCASTING and not kwargs:
+            def view(a: object) -> object:  # mutants' rows as (M, N, ...); per-input values broadcast over M
+                if isinstance(a, fx.Node) and isinstance(values[a], torch.Tensor) and a in self.varies:
+                    return values[a].unflatten(0, (m, -1))
+                return values[a] if isinstance(a, fx.Node) else a
+            return n.target(*(view(a) for a in n.args)).flatten(0, 1)
+
+        def repeat(a: fx.Node) -> object:  # a per-input tensor copied once per mutant
+            v = values[a]
+            return v.unsqueeze(0).expand(m, *v.shape).flatten(0, 1) if isinstance(v, torch.Tensor) else v
+        args = fx.map_arg(n.args, lambda a: repeat(a) if a in fixed else values[a])
+        kwargs = fx.map_arg(n.kwargs, lambda a: repeat(a) if a in fixed else values[a])
+        return getattr(self, n.op)(n.target, args, kwargs)
+
+
+def run_mutants(rest: fx.GraphModule, mutants: int, first: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """`rest(first, *others)` where `first` holds `mutants` values of each input (mutant-major rows) and `others`
+    one value per input: the outputs of every mutant, with the per-input part computed once."""
+    return _MutantRun(rest, mutants).run(first, *others)

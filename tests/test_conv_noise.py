@@ -1,0 +1,94 @@
+"""Sampling a fuzzed convolution's output noise per input (`malex.detectors.conv_noise`): the factors are those of
+the patches' covariance for every geometry, a mutant is the same in every call, and the mutation test on a
+residual net with a global-pool head gives the label-change rates that running the fuzzed weights gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from malex.detectors import make_detector
+from malex.detectors.conv_noise import ConvOutputNoise
+from malex.probe import Probe
+
+from test_foreign_heads import ResidualGAP
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 4, 3, padding=1),
+    nn.Conv2d(6, 4, 3, stride=2, padding=1),
+    nn.Conv2d(6, 4, 3, dilation=2, padding=2),
+    nn.Conv2d(6, 4, (3, 2), padding=(1, 0), groups=2),
+    nn.Conv2d(6, 6, 1),
+])
+def test_the_factors_are_those_of_the_patches_covariance(conv):
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(5, 6, 7, 7)).double()
+    x[0] = 0  # an input whose patches are all zero: a singular covariance, factorised without NaN
+    noise = ConvOutputNoise(conv.double(), seed=0)
+    lt, sums = noise.factors(x)
+    patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (N, C * k, npos)
+    patches = patches.view(5, conv.groups, -1, patches.shape[-1])  # channels are contiguous per group
+    gram = patches.transpose(-1, -2) @ patches
+    assert torch.allclose(lt.transpose(-1, -2) @ lt, gram, rtol=1e-4, atol=1e-4 * gram.abs().max())
+    assert torch.allclose(sums, patches.sum(2)) and not lt.isnan().any() and lt[0].abs().max() < 1e-100
+    assert conv(x).shape[-2:].numel() == lt.shape[-1]
+
+
+def test_the_mean_of_the_noise_is_the_shift_of_the_mean_weight():
+    conv = nn.Conv2d(3, 5, 3, padding=1, groups=1, bias=False).double()
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    noise = ConvOutputNoise(conv, seed=0)
+    _, sums = noise.factors(x)
+    shifted = F.conv2d(x, torch.full_like(conv.weight, 0.25), padding=1).flatten(2)
+    assert torch.allclose(noise.mean_shift(sums, 0.25), shifted)
+
+
+def test_a_mutant_is_the_same_in_every_call():
+    noise = ConvOutputNoise(nn.Conv2d(4, 3, 3, padding=1), seed=7)
+    lt, _ = noise.factors(torch.rand(3, 4, 5, 5))
+    assert torch.equal(noise.sample(lt, range(2, 5), 0.1), noise.sample(lt, range(0, 5), 0.1)[2:5])
+    assert torch.equal(noise.sample(lt[1:], range(3), 0.1), noise.sample(lt, range(3), 0.1)[:, 1:])
+    assert not torch.equal(ConvOutputNoise(noise.conv, seed=8).sample(lt, range(3), 0.1), noise.sample(lt, range(3), 0.1))
+
+
+def test_only_zero_padded_2d_convolutions_with_numeric_padding_are_sampled():
+    assert ConvOutputNoise.supports(nn.Conv2d(2, 2, 3))
+    assert not ConvOutputNoise.supports(nn.Conv2d(2, 2, 3, padding="same"))
+    assert not ConvOutputNoise.supports(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    assert not ConvOutputNoise.supports(nn.Conv1d(2, 2, 3))
+    with pytest.raises(ValueError, match="Conv2d"):
+        ConvOutputNoise(nn.Conv1d(2, 2, 3), seed=0)
+
+
+def test_the_rest_of_the_tail_gives_the_models_logits_from_the_convolutions_output():
+    model = ResidualGAP(4).eval()
+    tail = make_detector("mutation_bd", model).target.tail
+    x = torch.rand(6, 1, 8, 8)
+    obs = Probe(model, list(tail.inputs)).run(x)
+    values = [obs.layer(n) for n in tail.inputs]
+    with torch.no_grad():
+        out = model.get_submodule(tail.start)(values[tail.conv_input])
+        logits = tail.rest(out, *(values[i] for i in tail.rest_inputs))
+    assert torch.allclose(logits, model(x), atol=1e-5)
+    assert tail.rest_inputs == (1,)  # the skip connection; the convolution's own input is not read again
+
+
+def test_sampled_label_change_rates_are_those_of_the_fuzzed_weights():
+    """Per input, 300 mutants each way: binomial noise alone gives a mean absolute difference of about 0.03, and
+    the mean over inputs moves by about 0.02 with the draw (each way's mutants are shared by all inputs)."""
+    torch.manual_seed(0)
+    model = ResidualGAP(4).eval()
+    det = make_detector("mutation_bd", model, max_mutants=300, sequential=False, target_clean_lcr=None,
+                        strength=0.5)
+    x = torch.rand(80, 1, 8, 8)
+    obs = Probe(model, det.layers()).run(x)
+    assert det._prepare(det.inputs_of(obs)) is not None  # 72 values per patch against 64 positions: sampled
+    sampled = det.test(obs).lcr
+    weights = det._flips(det.inputs_of(obs), obs.pred, range(300)).double().mean(0).numpy()
+    assert 0.1 < weights.mean() < 0.9 and weights.std() > 0.05  # rates that a wrong law would miss
+    assert abs(sampled.mean() - weights.mean()) < 0.04
+    assert np.abs(sampled - weights).mean() < 0.05 and np.corrcoef(sampled, weights)[0, 1] > 0.9
