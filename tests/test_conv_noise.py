@@ -12,6 +12,7 @@ from torch import nn
 
 from malex.detectors import make_detector
 from malex.detectors.conv_noise import ConvOutputNoise
+from malex.models.tail import Noisy, run_mutants
 from malex.probe import Probe
 
 from test_foreign_heads import ResidualGAP
@@ -92,3 +93,29 @@ def test_sampled_label_change_rates_are_those_of_the_fuzzed_weights():
     assert 0.1 < weights.mean() < 0.9 and weights.std() > 0.05  # rates that a wrong law would miss
     assert abs(sampled.mean() - weights.mean()) < 0.04
     assert np.abs(sampled - weights).mean() < 0.05 and np.corrcoef(sampled, weights)[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("mutants", [1, 3])
+def test_the_mutants_run_gives_the_tails_outputs_with_batch_norms_and_sums_folded(mutants):
+    """ResidualGAP's tail after its last convolution: a batch norm, the sum with the skip connection (a per-input
+    value), GELU, pooling and the dense layer; the first two act on the per-input part alone."""
+    torch.manual_seed(0)
+    model = ResidualGAP(4)
+    model.block[4].running_var.uniform_(0.5, 2.0)  # batch-norm statistics other than the defaults
+    model.block[4].running_mean.uniform_(-1.0, 1.0)
+    model.eval()
+    tail = make_detector("mutation_bd", model).target.tail
+    obs = Probe(model, list(tail.inputs)).run(torch.rand(5, 1, 8, 8))
+    values = [obs.layer(n) for n in tail.inputs]
+    base = model.get_submodule(tail.start)(values[tail.conv_input]).detach()
+    noise = torch.randn(mutants, *base.shape)
+    others = [values[i] for i in tail.rest_inputs]
+    rows = []
+    hook = model.block[4].register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        folded = run_mutants(tail.rest, mutants, Noisy(base, noise), *others)
+    hook.remove()
+    assert rows == [5]  # the batch norm ran on the 5 inputs' own values, not on every mutant's
+    with torch.no_grad():
+        plain = tail.rest((base.unsqueeze(0) + noise).flatten(0, 1), *(v.repeat(mutants, 1, 1, 1) for v in others))
+    assert torch.allclose(folded, plain, atol=1e-5)

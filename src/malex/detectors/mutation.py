@@ -38,7 +38,7 @@ from malex.detectors.sprt import SPRT
 from malex.errors import ConfigError, ModelFileError
 from malex.models.anatomy import dense_layers, find_head, head_reproduces
 from malex.models.inference import eval_mode
-from malex.models.tail import Tail, conv_tail, run_mutants
+from malex.models.tail import Noisy, Tail, conv_tail, run_mutants
 from malex.probe import Observation
 from malex.progress import counter
 
@@ -47,6 +47,9 @@ from malex.progress import counter
 MUTANT_ELEMENTS = 2**25
 #: most values the per-input noise factors and outputs of the last convolution may hold at once (see `_blocks`)
 PREPARED_ELEMENTS = 2**26
+#: with `light_tail_fit`, where the mutants re-run the tail from the last convolution: inputs and mutants per step of
+#: the strength search, and inputs the LCR threshold is set on
+TAIL_SEARCH_INPUTS, TAIL_SEARCH_MUTANTS, TAIL_THRESHOLD_INPUTS = 128, 20, 512
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ class MutationConfig:
     #: where the dense head is ONE dense layer, fuzz the last convolution instead and re-run the model from it
     #: (`malex.models.tail`): fuzzing one dense layer measures only margin over feature norm
     through_last_conv: bool = False
+    #: where the mutants re-run the tail from the last convolution (64 times a dense head's work per mutant on a
+    #: 32x32 ResNet even with sampled noise), search the strength on 128 inputs x 20 mutants per step and set the
+    #: LCR threshold on 512 inputs instead of 256 x max_mutants and all: the threshold only places the sequential
+    #: test, and the guard calibrates the detector's scores on its own clean split
+    light_tail_fit: bool = True
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -138,6 +146,12 @@ def mutation_target(model: nn.Module, through_last_conv: bool = False) -> Mutati
             return MutationTarget(tail.module, tail.inputs, (f"{tail.start}.weight",), "last_conv", tail.reason + sampled,
                                   tail)
     return MutationTarget(head.module, (head.input_layer,), _dense_weights(head.module), "head", head.reason)
+
+
+def _spread(obs: Observation, k: int) -> Observation:
+    """At most `k` of the inputs, evenly spaced (not the first k: a fit set may be ordered by class)."""
+    n = len(obs)
+    return obs if n <= k else obs.subset(torch.linspace(0, n - 1, k).round().long())
 
 
 def stackable_head(module: nn.Module) -> bool:
@@ -319,9 +333,9 @@ class ModelMutation(Detector):
         with torch.no_grad(), eval_mode(rest):
             for start in range(0, shifted.shape[0], size):
                 block = slice(start, start + size)
-                noise = self._noise.sample(lt[block], ids, std)  # type: ignore[union-attr]
-                y = (shifted[block].unsqueeze(0) + noise.reshape(m, *shifted[block].shape)).flatten(0, 1)
-                pred = run_mutants(rest, m, y, *(t[block] for t in others)).argmax(dim=-1).view(m, -1).cpu()
+                noise = self._noise.sample(lt[block], ids, std).reshape(m, *shifted[block].shape)  # type: ignore
+                logits = run_mutants(rest, m, Noisy(shifted[block], noise), *(t[block] for t in others))
+                pred = logits.argmax(dim=-1).view(m, -1).cpu()
                 out.append(pred != base[block].view(1, -1))
         return torch.cat(out, dim=1)
 
@@ -357,9 +371,11 @@ class ModelMutation(Detector):
                 h = child(h)
         return h
 
-    def test(self, obs: Observation, sequential: bool | None = None) -> MutationTest:
-        """Run the mutants over the inputs of `obs`, stopping each input early when the SPRT decides."""
+    def test(self, obs: Observation, sequential: bool | None = None, mutants: int | None = None) -> MutationTest:
+        """Run the mutants (the first `mutants`, default max_mutants) over the inputs of `obs`, stopping each input
+        early when the SPRT decides."""
         cfg = self.config
+        total = cfg.max_mutants if mutants is None else min(mutants, cfg.max_mutants)
         sequential = cfg.sequential if sequential is None else sequential
         if sequential:
             self.check_fitted()
@@ -371,17 +387,17 @@ class ModelMutation(Detector):
         decision = np.zeros(n, dtype=np.int8)
         sprt = self.sprt() if sequential else None
         blocks = self._blocks(inputs)
-        with counter(f"mutants (r={self.strength:.3g})", cfg.max_mutants * len(blocks),
+        with counter(f"mutants (r={self.strength:.3g})", total * len(blocks),
                      enabled=cfg.progress) as advance:
             for block in blocks:
                 prepared = self._prepare(tuple(t[block] for t in inputs))
                 values, flips_of = (inputs, self._flips) if prepared is None else (prepared, self._sampled_flips)
                 offset = 0 if prepared is None else block.start
-                for start in range(0, cfg.max_mutants, cfg.chunk):
+                for start in range(0, total, cfg.chunk):
                     active = block.start + np.flatnonzero(decision[block] == 0)
                     if active.size == 0:
                         break
-                    ids = range(start, min(start + cfg.chunk, cfg.max_mutants))
+                    ids = range(start, min(start + cfg.chunk, total))
                     flips = flips_of(tuple(t[active - offset] for t in values), base[active], ids).sum(0).numpy()
                     changes[active] += flips
                     used[active] += len(ids)
@@ -413,14 +429,19 @@ class ModelMutation(Detector):
         cfg = self.config
         return SPRT.around(self.lcr_threshold_, cfg.indifference, cfg.suspicious == "high", cfg.alpha, cfg.beta)
 
+    def _light_fit(self) -> bool:
+        return self.config.light_tail_fit and self.target.reach == "last_conv"
+
     def _search_strength(self, clean: Observation, target: float, steps: int = 12) -> float:
-        """Bisect log(r) until the mean clean LCR (on up to 256 inputs) is close to `target`."""
-        sample = clean.subset(slice(0, 256))
+        """Bisect log(r) until the mean clean LCR (on up to 256 inputs, or TAIL_SEARCH_INPUTS with
+        `light_tail_fit`) is close to `target`."""
+        light = self._light_fit()
+        sample = _spread(clean, TAIL_SEARCH_INPUTS) if light else clean.subset(slice(0, 256))
         lo, hi = np.log(1e-3), np.log(100.0)
         for _ in range(steps):
             mid = 0.5 * (lo + hi)
             self._set_strength(float(np.exp(mid)))
-            mean = self.test(sample, sequential=False).lcr.mean()
+            mean = self.test(sample, sequential=False, mutants=TAIL_SEARCH_MUTANTS if light else None).lcr.mean()
             if abs(mean - target) < 0.01:
                 break
             lo, hi = (mid, hi) if mean < target else (lo, mid)
@@ -433,7 +454,7 @@ class ModelMutation(Detector):
         if self.config.target_clean_lcr is not None:
             self._search_strength(clean, self.config.target_clean_lcr)
         self.strength_ = self.strength
-        lcr = self.test(clean, sequential=False).lcr
+        lcr = self.test(_spread(clean, TAIL_THRESHOLD_INPUTS) if self._light_fit() else clean, sequential=False).lcr
         q = 1.0 - self.config.lcr_tail if self.config.suspicious == "high" else self.config.lcr_tail
         self.clean_lcr_mean_ = float(lcr.mean())
         self.lcr_threshold_ = float(np.quantile(lcr, q))

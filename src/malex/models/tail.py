@@ -111,15 +111,46 @@ def _cut(model: nn.Module, nodes: list[fx.Node], at: int, crossing: list[fx.Node
 #: without copying it once per mutant
 _BROADCASTING = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
                  torch.div, torch.maximum, torch.minimum}
+_ADD = {operator.add, torch.add}
+
+
+@dataclass(frozen=True)
+class Noisy:
+    """Mutants' values of N inputs kept apart as `base` (N, C, ...) plus `noise` (M, N, C, ...) times a per-channel
+    `scale` (C,) (None: 1): per-channel affine layers and sums with per-input values change only `base` and
+    `scale`, so the M * N values are formed once, where the first other layer needs them."""
+
+    base: torch.Tensor
+    noise: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def values(self) -> torch.Tensor:
+        """(M * N, C, ...): base + scale * noise, mutant-major."""
+        base = self.base.unsqueeze(0)
+        if self.scale is None:
+            out = base + self.noise
+        else:
+            out = torch.addcmul(base, self.noise, self.scale.view(-1, *(1,) * (self.base.dim() - 2)))
+        return out.flatten(0, 1)
+
+
+def _batch_norm_scale(module: nn.Module) -> torch.Tensor | None:
+    """The per-channel scale of a batch norm that uses its running statistics, else None."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.training or module.running_var is None:
+        return None
+    scale = torch.rsqrt(module.running_var + module.eps)
+    return scale * module.weight if module.weight is not None else scale
 
 
 class _MutantRun(fx.Interpreter):
-    """Runs a cut whose first input holds M mutants' values of N inputs (M * N rows, mutant-major) and whose other
-    inputs hold one value per input (N rows): what does not depend on the first input runs once per input."""
+    """Runs a cut whose first input is the mutants' values of N inputs (a `Noisy`) and whose other inputs hold one
+    value per input (N rows): what does not depend on the first input runs once per input, and batch norms and sums
+    with per-input values before the first other layer act on `Noisy.base` alone."""
 
     def __init__(self, module: fx.GraphModule, mutants: int) -> None:
         super().__init__(module)
         self.mutants = mutants
+        self.modules = dict(module.named_modules())
         first = next(n for n in module.graph.nodes if n.op == "placeholder")
         self.varies = {first}
         for node in module.graph.nodes:
@@ -129,13 +160,17 @@ class _MutantRun(fx.Interpreter):
     def run_node(self, n: fx.Node):  # noqa: ANN201 - whatever the node gives
         if n not in self.varies or n.op in ("placeholder", "output"):
             return super().run_node(n)
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        values = {a: self.env[a] for a in n.all_input_nodes}
+        folded = self._fold(n, values)
+        if folded is not None:
+            return folded
+        values = {a: v.values() if isinstance(v, Noisy) else v for a, v in values.items()}
         m = self.mutants
         fixed = [a for a in n.all_input_nodes if a not in self.varies]
         if not fixed:
+            args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: values[a])
             return getattr(self, n.op)(n.target, args, kwargs)
-        values = {a: self.env[a] for a in n.all_input_nodes}
-        if n.op == "call_function" and n.target in _BROADCASTING and not kwargs:
+        if n.op == "call_function" and n.target in _BROADCASTING and not n.kwargs:
             def view(a: object) -> object:  # mutants' rows as (M, N, ...); per-input values broadcast over M
                 if isinstance(a, fx.Node) and isinstance(values[a], torch.Tensor) and a in self.varies:
                     return values[a].unflatten(0, (m, -1))
@@ -145,12 +180,33 @@ class _MutantRun(fx.Interpreter):
         def repeat(a: fx.Node) -> object:  # a per-input tensor copied once per mutant
             v = values[a]
             return v.unsqueeze(0).expand(m, *v.shape).flatten(0, 1) if isinstance(v, torch.Tensor) else v
-        args = fx.map_arg(n.args, lambda a: repeat(a) if a in fixed else values[a])
-        kwargs = fx.map_arg(n.kwargs, lambda a: repeat(a) if a in fixed else values[a])
+        args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: repeat(a) if a in fixed else values[a])
         return getattr(self, n.op)(n.target, args, kwargs)
 
+    def _fold(self, n: fx.Node, values: dict[fx.Node, object]) -> Noisy | None:
+        """`n` applied to a `Noisy` without forming its values (a batch norm on running statistics, or a sum with a
+        per-input tensor or a number), else None."""
+        if n.op == "call_module" and len(n.args) == 1 and not n.kwargs and isinstance(values.get(n.args[0]), Noisy):
+            noisy: Noisy = values[n.args[0]]  # type: ignore[assignment]
+            scale = _batch_norm_scale(self.modules[str(n.target)])
+            if scale is None:
+                return None
+            return Noisy(self.modules[str(n.target)](noisy.base), noisy.noise,
+                         scale if noisy.scale is None else scale * noisy.scale)
+        if n.op == "call_function" and n.target in _ADD and len(n.args) == 2 and not n.kwargs:
+            first, second = n.args
+            noisy_arg, other_arg = (first, second) if isinstance(values.get(first), Noisy) else (second, first)
+            noisy = values.get(noisy_arg)
+            other = values[other_arg] if isinstance(other_arg, fx.Node) else other_arg
+            per_input = (isinstance(other, (int, float)) or isinstance(other, torch.Tensor) and other_arg not in
+                         self.varies and other.dim() == noisy.base.dim() and other.shape[0] == noisy.base.shape[0]) \
+                if isinstance(noisy, Noisy) else False
+            if per_input:
+                return Noisy(noisy.base + other, noisy.noise, noisy.scale)
+        return None
 
-def run_mutants(rest: fx.GraphModule, mutants: int, first: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """`rest(first, *others)` where `first` holds `mutants` values of each input (mutant-major rows) and `others`
-    one value per input: the outputs of every mutant, with the per-input part computed once."""
+
+def run_mutants(rest: fx.GraphModule, mutants: int, first: Noisy, *others: torch.Tensor) -> torch.Tensor:
+    """`rest(first, *others)` where `first` holds `mutants` values of each input (a `Noisy`) and `others` one value
+    per input: the (M * N, ...) outputs of every mutant (mutant-major), with the per-input part computed once."""
     return _MutantRun(rest, mutants).run(first, *others)
