@@ -119,3 +119,21 @@ def test_the_mutants_run_gives_the_tails_outputs_with_batch_norms_and_sums_folde
     with torch.no_grad():
         plain = tail.rest((base.unsqueeze(0) + noise).flatten(0, 1), *(v.repeat(mutants, 1, 1, 1) for v in others))
     assert torch.allclose(folded, plain, atol=1e-5)
+
+
+def test_the_light_tail_fit_finds_the_strength_of_the_full_fit_at_a_fraction_of_the_mutants():
+    torch.manual_seed(0)
+    model = ResidualGAP(4).eval()
+    obs = Probe(model, make_detector("mutation_bd", model).layers()).run(torch.rand(700, 1, 8, 8))
+    fitted, evaluations = {}, {}
+    for light in (True, False):
+        det = make_detector("mutation_bd", model, light_tail_fit=light, target_clean_lcr=0.2)  # one this net reaches
+        counted = []
+        run = det._sampled_flips
+        det._sampled_flips = lambda values, base, ids: counted.append(len(ids) * len(base)) or run(values, base, ids)
+        fitted[light] = det.fit(obs)
+        evaluations[light] = sum(counted)
+    light, full = fitted[True], fitted[False]
+    assert abs(np.log(light.strength / full.strength)) < 0.25, (light.strength, full.strength)
+    assert abs(light.clean_lcr_mean_ - 0.2) < 0.03 and abs(full.clean_lcr_mean_ - 0.2) < 0.03
+    assert evaluations[True] * 3 < evaluations[False], evaluations  # 512 inputs x 100 instead of 700 x 100, and so on

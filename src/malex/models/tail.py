@@ -158,7 +158,9 @@ class _MutantRun(fx.Interpreter):
                 self.varies.add(node)
 
     def run_node(self, n: fx.Node):  # noqa: ANN201 - whatever the node gives
-        if n not in self.varies or n.op in ("placeholder", "output"):
+        if n.op == "output":
+            return fx.map_arg(n.args[0], lambda a: self.env[a].values() if isinstance(self.env[a], Noisy) else self.env[a])
+        if n not in self.varies or n.op == "placeholder":
             return super().run_node(n)
         values = {a: self.env[a] for a in n.all_input_nodes}
         folded = self._fold(n, values)
