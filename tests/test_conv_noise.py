@@ -87,7 +87,11 @@ def test_sampled_label_change_rates_are_those_of_the_fuzzed_weights():
                         strength=0.5)
     x = torch.rand(80, 1, 8, 8)
     obs = Probe(model, det.layers()).run(x)
-    assert det._prepare(det.inputs_of(obs)) is not None  # 72 values per patch against 64 positions: sampled
+    prepared = det._prepare(det.inputs_of(obs))
+    assert prepared is not None  # 72 values per patch against 64 positions: sampled
+    assert det.layers()[-1] == det.target.tail.start  # the probe captures the convolution's output ...
+    captured = det._prepare(det.inputs_of(obs), obs.layer(det.target.tail.start))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(prepared, captured))  # ... which is not run again
     sampled = det.test(obs).lcr
     weights = det._flips(det.inputs_of(obs), obs.pred, range(300)).double().mean(0).numpy()
     assert 0.1 < weights.mean() < 0.9 and weights.std() > 0.05  # rates that a wrong law would miss

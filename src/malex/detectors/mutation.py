@@ -266,7 +266,10 @@ class ModelMutation(Detector):
         self.fuzzer = self._fuzzer(strength)
 
     def layers(self) -> list[str]:
-        return list(self.target.inputs)
+        """The probe layers the mutants read: the mutated part's inputs, and where the test samples the last
+        convolution's output noise, that convolution's own output (not computed again)."""
+        sampled = [self.target.tail.start] if self._noise is not None and self.target.tail is not None else []
+        return list(self.target.inputs) + sampled
 
     def mutant_logits(self, inputs: tuple[torch.Tensor, ...], ids: range) -> torch.Tensor:
         """(len(ids), N, classes) logits of mutants `ids` on `inputs` (what the mutated module takes: `inputs_of`),
@@ -306,10 +309,12 @@ class ModelMutation(Detector):
         per_input = mutants * sum(t[0].numel() for t in values) if len(values[0]) else 1
         return max(1, min(self.config.batch_size, MUTANT_ELEMENTS // per_input))
 
-    def _prepare(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+    def _prepare(self, inputs: tuple[torch.Tensor, ...],
+                 conv_out: torch.Tensor | None = None) -> tuple[torch.Tensor, ...] | None:
         """Where the test samples the last convolution's output noise (`conv_noise`), the per-input values it
-        reuses for every mutant: the convolution's output plus the mutants' mean shift, the noise factors, and the
-        values the rest of the tail reads. None where the mutants run as modules."""
+        reuses for every mutant: the convolution's output (`conv_out` when the probe captured it) plus the mutants'
+        mean shift, the noise factors, and the values the rest of the tail reads. None where the mutants run as
+        modules."""
         tail = self.target.tail
         if self._noise is None or tail is None or not self._noise.worthwhile(inputs[tail.conv_input]):
             return None
@@ -317,7 +322,7 @@ class ModelMutation(Detector):
         mean, _ = self.fuzzer.stats[self.target.weights[0]]
         with torch.no_grad():
             lt, sums = self._noise.factors(x)
-            out = self._noise.conv(x)
+            out = self._noise.conv(x) if conv_out is None else conv_out
             shifted = out + self._noise.mean_shift(sums, mean).view_as(out)
         return (shifted, lt, *(inputs[i] for i in tail.rest_inputs))
 
@@ -387,10 +392,11 @@ class ModelMutation(Detector):
         decision = np.zeros(n, dtype=np.int8)
         sprt = self.sprt() if sequential else None
         blocks = self._blocks(inputs)
+        conv_out = obs.features.get(self.target.tail.start) if self.target.tail is not None else None
         with counter(f"mutants (r={self.strength:.3g})", total * len(blocks),
                      enabled=cfg.progress) as advance:
             for block in blocks:
-                prepared = self._prepare(tuple(t[block] for t in inputs))
+                prepared = self._prepare(tuple(t[block] for t in inputs), None if conv_out is None else conv_out[block])
                 values, flips_of = (inputs, self._flips) if prepared is None else (prepared, self._sampled_flips)
                 offset = 0 if prepared is None else block.start
                 for start in range(0, total, cfg.chunk):
