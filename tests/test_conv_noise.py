@@ -141,3 +141,37 @@ def test_the_light_tail_fit_finds_the_strength_of_the_full_fit_at_a_fraction_of_
     assert abs(np.log(light.strength / full.strength)) < 0.25, (light.strength, full.strength)
     assert abs(light.clean_lcr_mean_ - 0.2) < 0.03 and abs(full.clean_lcr_mean_ - 0.2) < 0.03
     assert evaluations[True] * 3 < evaluations[False], evaluations  # 512 inputs x 100 instead of 700 x 100, and so on
+
+
+class ScaledTail(nn.Module):
+    """A tail that reads a parameter through a function and joins a per-input value to the mutants' values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.mixing = nn.Parameter(torch.randn(8, 8, 1, 1) / 3)
+        self.norm = nn.GroupNorm(4, 16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        y = F.conv2d(self.conv(h), self.mixing)  # a function of a parameter: the parameter is not repeated per mutant
+        y = self.norm(torch.cat([y, h], dim=1))  # a per-input value joined to every mutant's: repeated
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+def test_the_mutants_run_keeps_constants_and_repeats_per_input_values():
+    torch.manual_seed(0)
+    model = ScaledTail().eval()
+    tail = make_detector("mutation_bd", model).target.tail
+    assert tail is not None and tail.start == "conv"
+    obs = Probe(model, list(tail.inputs)).run(torch.rand(4, 1, 6, 6))
+    values = [obs.layer(n) for n in tail.inputs]
+    base = model.conv(values[tail.conv_input]).detach()
+    noise = torch.randn(3, *base.shape)
+    others = [values[i] for i in tail.rest_inputs]
+    with torch.no_grad():
+        folded = run_mutants(tail.rest, 3, Noisy(base, noise), *others)
+        plain = tail.rest((base.unsqueeze(0) + noise).flatten(0, 1), *(v.repeat(3, 1, 1, 1) for v in others))
+    assert torch.allclose(folded, plain, atol=1e-5)

@@ -151,11 +151,14 @@ class _MutantRun(fx.Interpreter):
         super().__init__(module)
         self.mutants = mutants
         self.modules = dict(module.named_modules())
-        first = next(n for n in module.graph.nodes if n.op == "placeholder")
-        self.varies = {first}
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+        self.varies = {placeholders[0]}  # values of every mutant
+        self.batched = set(placeholders)  # values with a row per input or per mutant (not constants)
         for node in module.graph.nodes:
             if any(arg in self.varies for arg in node.all_input_nodes):
                 self.varies.add(node)
+            if any(arg in self.batched for arg in node.all_input_nodes):
+                self.batched.add(node)
 
     def run_node(self, n: fx.Node):  # noqa: ANN201 - whatever the node gives
         if n.op == "output":
@@ -168,7 +171,7 @@ class _MutantRun(fx.Interpreter):
             return folded
         values = {a: v.values() if isinstance(v, Noisy) else v for a, v in values.items()}
         m = self.mutants
-        fixed = [a for a in n.all_input_nodes if a not in self.varies]
+        fixed = [a for a in n.all_input_nodes if a not in self.varies and a in self.batched]  # one row per input
         if not fixed:
             args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: values[a])
             return getattr(self, n.op)(n.target, args, kwargs)
