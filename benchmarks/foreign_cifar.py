@@ -14,7 +14,8 @@ inputs; up to 1,000 correctly classified clean test inputs; up to 1,000 successf
 step 2/255, 20 steps) of correctly classified sources on the clean model, and up to 1,000 non-target sources with
 the trigger that the poisoned model labels 0. Reported: each model's accuracy and ASR, the AUROC of the guard and
 of each of its detectors, the guard's fit time (two threads) beside cifar_resnet's on the same inputs, and the
-screening time of 256 clean inputs at batch 256 on one thread against the plain forward pass (median of 5).
+screening time of 256 clean inputs at batch 256 on one thread against the plain forward pass (median of 9
+interleaved pairs).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from malex.models.inference import predict, predict_logits
 from malex.models.registry import CIFAR10_MEAN, CIFAR10_STD
 from malex.models.train import TrainConfig
 
-from foreign_head_speed import median_seconds  # benchmarks/ is on sys.path when run as a script
+from foreign_head_speed import median_ratio  # benchmarks/ is on sys.path when run as a script
 from tables import command_line, emit
 
 RECIPE = TrainConfig(epochs=15, lr=0.002, batch_size=128, shift=4, seed=0)
@@ -156,8 +157,7 @@ def main() -> None:
         a, b = guard.screen(clean), guard.screen(malicious)
         torch.set_num_threads(1)
         batch = clean[:256]
-        ratio = (median_seconds(lambda: guard.screen(batch), 5)
-                 / median_seconds(lambda: predict_logits(model, batch, 256), 5))
+        ratio = median_ratio(lambda: guard.screen(batch), lambda: predict_logits(model, batch, 256), 9)
         torch.set_num_threads(2)
         per_detector = [f"{auroc(a.scores[d], b.scores[d]):.3f}" for d in guard.detectors]
         lines.append(f"| {name} | {attack} | {len(clean)} / {len(malicious)} | {fit_s:.1f} | {ratio:.2f}x | "

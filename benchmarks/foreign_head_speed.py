@@ -99,6 +99,20 @@ def median_seconds(run, repeats: int) -> float:
     return float(np.median(times))
 
 
+def median_ratio(run, baseline, repeats: int) -> float:
+    """The median over `repeats` interleaved pairs of run's time over baseline's (a change of machine load hits
+    both of a pair alike), after one warm-up call of each."""
+    run(), baseline()
+    ratios = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        t1 = time.perf_counter()
+        baseline()
+        ratios.append((t1 - t0) / (time.perf_counter() - t1))
+    return float(np.median(ratios))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))

@@ -51,9 +51,12 @@ def test_the_mean_of_the_noise_is_the_shift_of_the_mean_weight():
 def test_a_mutant_is_the_same_in_every_call():
     noise = ConvOutputNoise(nn.Conv2d(4, 3, 3, padding=1), seed=7)
     lt, _ = noise.factors(torch.rand(3, 4, 5, 5))
-    assert torch.equal(noise.sample(lt, range(2, 5), 0.1), noise.sample(lt, range(0, 5), 0.1)[2:5])
-    assert torch.equal(noise.sample(lt[1:], range(3), 0.1), noise.sample(lt, range(3), 0.1)[:, 1:])
-    assert not torch.equal(ConvOutputNoise(noise.conv, seed=8).sample(lt, range(3), 0.1), noise.sample(lt, range(3), 0.1))
+    rank = lt.shape[2]
+    assert torch.equal(noise.draw(range(2, 5), rank), noise.draw(range(0, 5), rank)[2:5])
+    assert not torch.equal(ConvOutputNoise(noise.conv, seed=8).draw(range(3), rank), noise.draw(range(3), rank))
+    u = noise.draw(range(3), rank)
+    assert torch.allclose(noise.sample(lt[1:], u, 0.1), noise.sample(lt, u, 0.1)[:, 1:], atol=1e-6)  # per input
+    assert torch.allclose(noise.sample(lt, u[1:], 0.1), noise.sample(lt, u, 0.1)[1:], atol=1e-6)  # per mutant
 
 
 def test_only_zero_padded_2d_convolutions_with_numeric_padding_are_sampled():
@@ -175,3 +178,22 @@ def test_the_mutants_run_keeps_constants_and_repeats_per_input_values():
         folded = run_mutants(tail.rest, 3, Noisy(base, noise), *others)
         plain = tail.rest((base.unsqueeze(0) + noise).flatten(0, 1), *(v.repeat(3, 1, 1, 1) for v in others))
     assert torch.allclose(folded, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("relu", [nn.ReLU(), nn.GELU()])
+def test_the_mutants_run_matches_the_tail_with_an_activation_right_after_the_sum(relu):
+    """conv -> batch norm -> ReLU (run in place on the values formed for it) or GELU -> pool -> dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                          nn.BatchNorm2d(6), relu, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    model[3].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    tail = make_detector("mutation_bd", model).target.tail
+    obs = Probe(model, list(tail.inputs)).run(torch.rand(4, 1, 6, 6))
+    values = [obs.layer(n) for n in tail.inputs]
+    base = model[2](values[tail.conv_input]).detach()
+    noise = torch.randn(2, *base.shape)
+    with torch.no_grad():
+        folded = run_mutants(tail.rest, 2, Noisy(base, noise), *(values[i] for i in tail.rest_inputs))
+        plain = tail.rest((base.unsqueeze(0) + noise).flatten(0, 1))
+    assert torch.allclose(folded, plain, atol=1e-5) and tail.rest_inputs == ()

@@ -87,15 +87,20 @@ class ConvOutputNoise:
         per_group = self.conv.out_channels // groups
         return (mean * sums)[:, :, None, :].expand(n, groups, per_group, npos).reshape(n, -1, npos)
 
-    def sample(self, lt: torch.Tensor, ids: range, std: float) -> torch.Tensor:
-        """(len(ids), N, out_channels, npos): mutants `ids`' zero-mean output noise sigma * L u on the inputs whose
-        factors `lt` are (from `factors`); a strided view of one matrix product per group."""
+    def draw(self, ids: range, rank: int) -> torch.Tensor:
+        """(len(ids), groups, out channels per group, rank): the standard normal draws u of mutants `ids`, each from
+        a generator seeded by its number (`rank`: the factors' last but one size, from `factors`)."""
+        groups = self.conv.groups
+        return torch.stack([torch.randn((groups, self.conv.out_channels // groups, rank),
+                                        generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i)) for i in ids])
+
+    def sample(self, lt: torch.Tensor, u: torch.Tensor, std: float) -> torch.Tensor:
+        """(M, N, out_channels, npos): the zero-mean output noise sigma * L u of the mutants whose draws `u` are
+        (from `draw`) on the inputs whose factors `lt` are (from `factors`); a strided view of one matrix product per
+        group."""
         n, groups, rank, npos = lt.shape
-        per_group = self.conv.out_channels // groups
-        m = len(ids)
-        u = torch.stack([torch.randn((groups, per_group, rank), generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + i)) for i in ids]).to(lt.device, lt.dtype)  # (M, groups, per group, rank)
-        u = (std * u).transpose(0, 1).reshape(groups, m * per_group, rank)
+        m, per_group = u.shape[0], u.shape[2]
+        u = (std * u.to(lt.device, lt.dtype)).transpose(0, 1).reshape(groups, m * per_group, rank)
         noise = torch.bmm(u, lt.permute(1, 2, 0, 3).reshape(groups, rank, n * npos))  # (groups, M * per group, N * npos)
         return noise.view(groups, m, per_group, n, npos).permute(1, 3, 0, 2, 4).reshape(m, n, -1, npos) \
             if groups > 1 else noise.view(m, per_group, n, npos).transpose(1, 2)

@@ -169,7 +169,10 @@ class _MutantRun(fx.Interpreter):
         folded = self._fold(n, values)
         if folded is not None:
             return folded
+        formed = [a for a, v in values.items() if isinstance(v, Noisy)]
         values = {a: v.values() if isinstance(v, Noisy) else v for a, v in values.items()}
+        if len(formed) == 1 and n.args == (formed[0],) and n.kwargs in ({}, {"inplace": False}) and self._is_relu(n):
+            return torch.relu_(values[formed[0]])  # the values were just formed for this node alone
         m = self.mutants
         fixed = [a for a in n.all_input_nodes if a not in self.varies and a in self.batched]  # one row per input
         if not fixed:
@@ -187,6 +190,10 @@ class _MutantRun(fx.Interpreter):
             return v.unsqueeze(0).expand(m, *v.shape).flatten(0, 1) if isinstance(v, torch.Tensor) else v
         args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: repeat(a) if a in fixed else values[a])
         return getattr(self, n.op)(n.target, args, kwargs)
+
+    def _is_relu(self, n: fx.Node) -> bool:
+        return (n.op == "call_function" and n.target in (torch.relu, nn.functional.relu)
+                or n.op == "call_module" and type(self.modules[str(n.target)]) is nn.ReLU)
 
     def _fold(self, n: fx.Node, values: dict[fx.Node, object]) -> Noisy | None:
         """`n` applied to a `Noisy` without forming its values (a batch norm on running statistics, or a sum with a
