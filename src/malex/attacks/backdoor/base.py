@@ -28,20 +28,29 @@ class PoisonConfig:
             raise ConfigError(f"target label is {self.target}; expected a class id >= 0")
 
 
-def choose_poisoned(data: Split, config: PoisonConfig) -> torch.Tensor:
-    """Indices of round(rate * len(data)) non-target inputs, drawn by `config.seed` (deterministic)."""
-    candidates = torch.nonzero(data.y != config.target).flatten()
+def choose_poisoned(data: Split, config: PoisonConfig, among: torch.Tensor | None = None,
+                    what: str = "non-target") -> torch.Tensor:
+    """Indices of round(rate * len(data)) non-target inputs, drawn by `config.seed` (deterministic).
+
+    `among`: a bool mask of the inputs that may be chosen (default: all; TaCT's source classes); `what` names
+    them in the error raised when too few are left."""
+    allowed = data.y != config.target
+    if among is not None:
+        allowed = allowed & among
+    candidates = torch.nonzero(allowed).flatten()
     n = int(round(config.rate * len(data)))
     if n < 1 or n > len(candidates):
-        raise ConfigError(f"cannot poison {n} of {len(candidates)} non-target inputs; adjust the rate")
+        raise ConfigError(f"cannot poison {n} of {len(candidates)} {what} inputs; adjust the rate")
     gen = torch.Generator().manual_seed(config.seed)
     return candidates[torch.randperm(len(candidates), generator=gen)[:n]]
 
 
-def choose_cover(data: Split, taken: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+def choose_cover(data: Split, taken: torch.Tensor, n: int, seed: int, among: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Indices of `n` inputs of any class outside `taken`, drawn by `seed`: the inputs that carry a trigger
-    variant but keep their true label (WaNet's noise samples, Adaptive-Blend's regularization samples)."""
-    free = torch.ones(len(data), dtype=torch.bool)
+    variant but keep their true label (WaNet's noise samples, Adaptive-Blend's regularization samples).
+    `among`: a bool mask of the inputs that may be chosen (default: all; TaCT's cover classes)."""
+    free = torch.ones(len(data), dtype=torch.bool) if among is None else among.clone()
     free[taken] = False
     candidates = torch.nonzero(free).flatten()
     if n > len(candidates):
@@ -72,6 +81,16 @@ class Trigger(ABC):
         x[chosen] = self.apply(x[chosen])
         y[chosen] = config.target
         return Split(x, y), chosen
+
+    def check_target(self, target: int) -> None:
+        """Raise ConfigError when this trigger cannot aim at `target` (default: any target will do; TaCT refuses
+        a target among its source or cover classes). Lets a config be refused before any training."""
+
+    def attack_sources(self, y: torch.Tensor, target: int) -> torch.Tensor:
+        """Bool mask over labels `y`: the inputs the backdoor is meant to send to `target`, on which its attack
+        success rate is measured. Default: every input whose label is not the target; a source-specific trigger
+        (TaCT) narrows it to its source classes."""
+        return y != target
 
     def describe(self) -> dict:
         """JSON-able settings of this trigger."""

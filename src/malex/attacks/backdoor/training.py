@@ -31,7 +31,7 @@ class TrainedModel:
     model: nn.Module
     arch: str
     clean_accuracy: float  # on the dataset's test split
-    attack_success_rate: float | None  # on the test inputs whose label is not the target; None: a clean model
+    attack_success_rate: float | None  # on the trigger's source test inputs (default: non-target); None: clean
     trigger: Trigger | None
     poison: PoisonConfig | None
     seconds: float  # wall time of building, poisoning and training

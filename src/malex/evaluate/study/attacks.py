@@ -27,7 +27,8 @@ def with_seed(config_class: type, settings: dict[str, Any], seed: int) -> dict[s
 def load_or_craft(ctx: StudyContext, specs: Specs, attack: AttackSpec, model: nn.Module, model_id: str,
                   sources: Split) -> tuple[torch.Tensor, dict[str, Any]]:
     """(malicious inputs, their header): read from the cache, or crafted from `sources` on `model` and cached.
-    A backdoor keeps the non-target sources with the trigger that the model labels as the target; an
+    A backdoor keeps the non-target sources (a source-specific trigger's source classes only: see
+    `Trigger.attack_sources`) with the trigger that the model labels as the target; an
     adversarial attack keeps its successful examples of correctly classified sources (with `targeted`, toward
     each other class). At most n_malicious either way."""
     ds = specs.ds

@@ -224,6 +224,20 @@ def _backdoor(name: str, table: dict[str, Any], where: str) -> AttackSpec:
     return AttackSpec(name, BACKDOOR, method, settings, poison_rate=rate, fine_tune=tune)
 
 
+def _check_backdoor_targets(specs: tuple[AttackSpec | AdaptiveSpec, ...], target: int, where: str,
+                            overrides: Mapping[str, Any]) -> None:
+    """Refuse a backdoor whose trigger cannot aim at the dataset's target (TaCT's source and cover classes)."""
+    from malex.attacks.backdoor import make_trigger
+
+    for spec in specs:
+        if isinstance(spec, AttackSpec) and spec.kind == BACKDOOR:
+            try:
+                make_trigger(spec.method, **spec.settings).check_target(target)
+            except ConfigError as exc:
+                at = f"{where}.attack_settings.{spec.name}" if spec.name in overrides else f"backdoors.{spec.name}"
+                raise ConfigError(f"{at} (target {target} of {where}): {exc}") from exc
+
+
 def _adversarial(name: str, table: dict[str, Any], where: str) -> AttackSpec | AdaptiveSpec:
     from malex.attacks.adversarial import ADVERSARIAL_ATTACKS, make_adversarial
 
@@ -462,11 +476,13 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path | None = None, imp
         for a in adaptive:
             check_targets(a, ds_guard, ds_decision.combination,
                           f"{where}.attack_settings.{a.name}" if a.name in overrides else f"adversarial.{a.name}")
+        target = read_int(table, "target", where, 0)
+        _check_backdoor_targets(specs, target, where, overrides)
         datasets.append(DatasetSpec(
             name=name, data=data, network=network,
             train=_train(read_table(table.get("train", {}), f"{where}.train"), f"{where}.train"),
             poison_rate=read_float(table, "poison_rate", where, 0.1, 0.0, 1.0),
-            target=read_int(table, "target", where, 0),
+            target=target,
             attacks=tuple(a for a in specs if not isinstance(a, AdaptiveSpec)),
             detectors=ds_detectors,
             detector_settings={k: v for k, v in ds_settings.items() if k in used},

@@ -9,9 +9,10 @@ trained once and cached. The protocol of the study, per cell:
   the guard fits on both halves together (it keeps its own calibration part);
 * the test split is cut in two: up to `n_clean` inputs of one half that the cell's model classifies
   correctly are the clean test inputs; the other half gives the attack sources;
-* malicious inputs, up to `n_malicious`, successful ones only: for a backdoor, non-target sources with the
-  trigger that the poisoned model labels as the target; for an adversarial attack, correctly classified
-  sources attacked on the clean model (with `targeted`, toward each other class, as the study's CW);
+* malicious inputs, up to `n_malicious`, successful ones only: for a backdoor, non-target sources (a
+  source-specific trigger's source classes only) with the trigger that the poisoned model labels as the
+  target; for an adversarial attack, correctly classified sources attacked on the clean model (with
+  `targeted`, toward each other class, as the study's CW);
 * metrics: AUROC, TPR at 1% and 5% FPR (threshold-free, on the clean test scores), and at the calibrated
   threshold the clean inputs passed, the malicious inputs caught and the study's detection accuracy; the
   guard's row reads its guard score and its own verdicts.
